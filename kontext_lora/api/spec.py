@@ -1,0 +1,342 @@
+"""The KontextLoRAJob spec: the single source of truth for the CRD, the operator and the trainer.
+
+Defaults follow the users' guide (ostris AI-Toolkit's Kontext recipe): rank 32, bf16, steps = pairs × 100
+(3000 while the pair count is unknown), save every 250 steps, keep the newest 4, resolution 1024.
+Nothing here imports torch: the operator image must stay small.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field, StrictBool, StrictInt
+
+from .base import ApiModel
+from .rules import CrossFieldRule, CrossFieldRules
+
+S3_OR_FILE_URI = r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|file://.+)$"
+MODEL_SOURCE = (
+    r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|file://.+|/.+|[A-Za-z0-9][A-Za-z0-9._\-]*/[A-Za-z0-9._\-]+)$"
+)
+RELATIVE_DIR = r"^[^/].*$"
+K8S_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+TRIGGER_WORD = r"^\S.*,$"
+QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+
+DEFAULT_BASE_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
+AUTO_STEPS_WHEN_PAIRS_UNKNOWN = 3000
+
+
+class DType(StrEnum):
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class GpuClass(StrEnum):
+    """48 GB-class cards the users' guide names. The node labels each maps to live in the operator's config."""
+
+    L40S_48GB = "L40S-48GB"
+    RTX4090_48GB = "RTX4090-48GB"
+
+
+class ModelSpec(ApiModel):
+    """The base model the LoRA is trained against."""
+
+    base: Annotated[str, Field(max_length=512, pattern=MODEL_SOURCE)] = Field(
+        DEFAULT_BASE_MODEL,
+        description="FLUX.1-Kontext-dev in diffusers format: a Hugging Face hub id (clusters with internet), "
+        "an s3:// prefix, or a path (file:// or absolute) on a mounted volume.",
+    )
+    revision: Annotated[str, Field(max_length=128)] | None = Field(
+        None, description="Hub revision (branch, tag or commit) when `base` is a hub id."
+    )
+    dtype: DType = Field(DType.bf16, description="Training precision: bf16 (default), fp16, or fp32 (about 2x slower).")
+
+
+class DatasetSpec(CrossFieldRules, ApiModel):
+    """Before/after image pairs: a control folder and a target folder with the same file names."""
+
+    uri: Annotated[str, Field(max_length=1024, pattern=S3_OR_FILE_URI)] = Field(
+        description="Where the pairs live: s3://bucket/prefix/ or file:///path (relative file:// paths are "
+        "resolved against the job file's folder in local runs)."
+    )
+    control_dir: Annotated[str, Field(min_length=1, max_length=256, pattern=RELATIVE_DIR)] = Field(
+        "control", description='Folder under `uri` with the control ("before") images.'
+    )
+    target_dir: Annotated[str, Field(min_length=1, max_length=256, pattern=RELATIVE_DIR)] = Field(
+        "target", description='Folder under `uri` with the target ("after") images and their captions.'
+    )
+    caption_extension: Annotated[str, Field(pattern=r"^\.[A-Za-z0-9]{1,10}$")] = Field(
+        ".txt", description="Extension of the caption file beside each target image (same stem)."
+    )
+    default_caption: Annotated[str, Field(min_length=1, max_length=1000)] | None = Field(
+        None, description="Caption (the shared instruction) for targets that have no caption file."
+    )
+    trigger_word: Annotated[str, Field(min_length=2, max_length=64, pattern=TRIGGER_WORD)] | None = Field(
+        None, description='Word prefixed to every caption; must end with a comma, e.g. "XM,".'
+    )
+    resolution: Literal[512, 1024] = Field(
+        1024,
+        description="Training resolution bucket: images are resized (aspect kept) to about this many pixels per side.",
+    )
+    held_out_pairs: StrictInt = Field(
+        2,
+        ge=0,
+        le=16,
+        description="Pairs kept out of training to measure validation loss and render previews at each checkpoint "
+        "(0 disables; never more than leaves one pair to train on).",
+    )
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
+        CrossFieldRule(
+            cel="self.controlDir != self.targetDir",
+            message="controlDir and targetDir must be different folders",
+            field_path=".targetDir",
+            holds=lambda d: d.control_dir != d.target_dir,
+        ),
+    )
+
+
+class TargetModules(StrEnum):
+    default = "default"
+    """Attention (q, k, v, out, added projections) and MLP projections of every block."""
+    attention = "attention"
+    """Attention projections only: smaller files, gentler edits."""
+
+
+class LoraSpec(ApiModel):
+    """The LoRA adapter."""
+
+    rank: StrictInt = Field(
+        32,
+        ge=8,
+        le=128,
+        description="LoRA rank (linear rank): 8-64; 32 is the balanced default, up to 128 for fine detail.",
+    )
+    alpha: StrictInt | None = Field(None, ge=1, le=256, description="LoRA alpha; defaults to the rank (scale 1.0).")
+    dropout: float = Field(0.0, ge=0.0, le=0.5, description="Dropout on the LoRA branch.")
+    target_modules: TargetModules = Field(
+        TargetModules.default, description="Which transformer projections get adapters."
+    )
+
+
+class Optimizer(StrEnum):
+    adamw = "adamw"
+    adafactor = "adafactor"
+
+
+class LrScheduler(StrEnum):
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+    cosine = "cosine"
+    linear = "linear"
+
+
+class TimestepSampling(StrEnum):
+    shift = "shift"
+    """Logit-normal draws pushed towards high noise by `timestepShift` (AI-Toolkit's Flux default)."""
+    sigmoid = "sigmoid"
+    """Plain logit-normal (sigmoid of a standard normal)."""
+    uniform = "uniform"
+
+
+StepsAuto = Literal["auto"]
+
+
+class TrainingSpec(CrossFieldRules, ApiModel):
+    """The optimisation loop."""
+
+    steps: Annotated[StrictInt, Field(ge=1, le=1_000_000)] | StepsAuto = Field(
+        "auto",
+        description='Optimiser steps, or "auto" = pairs x autoStepsPerPair (3000 while the pair count is unknown).',
+        json_schema_extra={"x-kubernetes-int-or-string": True},
+    )
+    auto_steps_per_pair: StrictInt = Field(
+        100, ge=100, le=150, description='Steps per training pair when steps is "auto".'
+    )
+    learning_rate: float = Field(1.0e-4, gt=0.0, le=1.0e-2, description="Peak learning rate.")
+    lr_scheduler: LrScheduler = Field(LrScheduler.constant, description="Learning-rate schedule after warm-up.")
+    warmup_steps: StrictInt = Field(0, ge=0, le=10000, description="Linear warm-up steps.")
+    batch_size: StrictInt = Field(1, ge=1, le=16, description="Pairs per optimiser step.")
+    gradient_accumulation: StrictInt = Field(
+        1, ge=1, le=64, description="Micro-batches accumulated per optimiser step."
+    )
+    optimizer: Optimizer = Field(Optimizer.adamw, description="Optimiser for the LoRA weights.")
+    weight_decay: float = Field(1.0e-4, ge=0.0, le=1.0, description="Decoupled weight decay.")
+    max_grad_norm: float = Field(1.0, ge=0.0, le=100.0, description="Gradient clipping norm (0 disables).")
+    seed: StrictInt = Field(42, ge=0, le=2**31 - 1, description="Seed for data order, noise and timesteps.")
+    gradient_checkpointing: StrictBool = Field(
+        True, description="Recompute activations in the backward pass to save memory."
+    )
+    cache_latents: StrictBool = Field(
+        True, description="Encode images and captions once, then free the VAE and text encoders."
+    )
+    guidance_scale: float = Field(
+        1.0, ge=0.0, le=10.0, description="Value fed to the guidance embedding while training."
+    )
+    timestep_sampling: TimestepSampling = Field(
+        TimestepSampling.shift, description="How flow-matching timesteps are drawn."
+    )
+    timestep_shift: float = Field(3.0, gt=0.0, le=10.0, description="Shift applied when timestepSampling is shift.")
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
+        CrossFieldRule(
+            cel="type(self.steps) != int || self.warmupSteps < self.steps",
+            message="must be smaller than training.steps",
+            field_path=".warmupSteps",
+            holds=lambda t: not isinstance(t.steps, int) or t.warmup_steps < t.steps,
+        ),
+    )
+
+
+class CheckpointSpec(ApiModel):
+    """Intermediate LoRAs, so the best one can be picked afterwards and training can resume after preemption."""
+
+    save_every: StrictInt = Field(
+        250, ge=1, le=100000, description="Save a checkpoint every N steps (250, 500 or 1000 are usual)."
+    )
+    keep: StrictInt = Field(
+        4, ge=1, le=100, description="Keep the newest K checkpoints; older ones are deleted locally and in storage."
+    )
+
+
+class OutputSpec(ApiModel):
+    """Where LoRAs and checkpoints go."""
+
+    uri: Annotated[str, Field(max_length=1024, pattern=S3_OR_FILE_URI)] = Field(
+        description="s3://bucket/prefix/ or file:///path: receives <name>.safetensors and checkpoints/."
+    )
+    name: Annotated[str, Field(max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] | None = Field(
+        None, description="File name stem of the final LoRA; defaults to the job's name."
+    )
+
+
+class AddressingStyle(StrEnum):
+    auto = "auto"
+    path = "path"
+    virtual = "virtual"
+
+
+class StorageSpec(ApiModel):
+    """S3-compatible object storage for the dataset, model and outputs."""
+
+    endpoint: Annotated[str, Field(max_length=512, pattern=r"^https?://[^\s/]+(/.*)?$")] | None = Field(
+        None, description="Endpoint URL of an S3-compatible server (MinIO, R2, Ceph...); unset for AWS S3."
+    )
+    region: Annotated[str, Field(max_length=64, pattern=r"^[a-z0-9-]+$")] = Field(
+        "us-east-1", description="Region name."
+    )
+    credentials_secret: Annotated[str, Field(max_length=253, pattern=K8S_NAME)] | None = Field(
+        None,
+        description="Secret in the job's namespace holding the access keys; "
+        "unset to use the pod's identity (IRSA, instance role).",
+    )
+    access_key_id_key: Annotated[str, Field(max_length=253)] = Field(
+        "AWS_ACCESS_KEY_ID", description="Key of the access key id in the Secret."
+    )
+    secret_access_key_key: Annotated[str, Field(max_length=253)] = Field(
+        "AWS_SECRET_ACCESS_KEY", description="Key of the secret access key in the Secret."
+    )
+    addressing_style: AddressingStyle = Field(
+        AddressingStyle.auto, description="Bucket addressing; auto uses path style for custom endpoints."
+    )
+
+
+class ResourcesSpec(ApiModel):
+    """What the training pod asks the scheduler for."""
+
+    gpu: GpuClass = Field(
+        GpuClass.L40S_48GB, description="GPU class; mapped to node labels and tolerations by the operator's config."
+    )
+    count: StrictInt = Field(
+        1, ge=1, le=1, description="GPUs per job (training uses one GPU; multi-GPU is not supported yet)."
+    )
+    cpu: Annotated[str, Field(max_length=32, pattern=QUANTITY)] = Field("4", description="CPU request.")
+    memory: Annotated[str, Field(max_length=32, pattern=QUANTITY)] = Field(
+        "48Gi", description="Memory request and limit."
+    )
+    model_cache_claim: Annotated[str, Field(max_length=253, pattern=K8S_NAME)] | None = Field(
+        None, description="PersistentVolumeClaim mounted as the model cache, so the base weights download once."
+    )
+
+
+class RunPolicySpec(ApiModel):
+    """Retries and time limits of the training run."""
+
+    backoff_limit: StrictInt = Field(
+        3, ge=0, le=20, description="Restarts after a failure or preemption; each resumes from the last checkpoint."
+    )
+    active_deadline_seconds: StrictInt | None = Field(
+        None, ge=60, description="Fail the job when it runs longer than this."
+    )
+    ttl_seconds_after_finished: StrictInt | None = Field(
+        None,
+        ge=0,
+        description="Delete the finished KontextLoRAJob (never the LoRAs in storage) this long after it ends.",
+    )
+
+
+def _defaults_of(section: type[ApiModel]) -> dict:
+    """Schema extra giving an omitted section its full default, so the apiserver fills and validates it."""
+    return {"default": section().to_wire()}
+
+
+class KontextLoRAJobSpec(CrossFieldRules, ApiModel):
+    """Train a FLUX.1-Kontext-dev LoRA on before/after image pairs."""
+
+    model: ModelSpec = Field(
+        default_factory=ModelSpec, description="Base model.", json_schema_extra=_defaults_of(ModelSpec)
+    )
+    dataset: DatasetSpec = Field(description="Training pairs.")
+    lora: LoraSpec = Field(
+        default_factory=LoraSpec, description="LoRA adapter shape.", json_schema_extra=_defaults_of(LoraSpec)
+    )
+    training: TrainingSpec = Field(
+        default_factory=TrainingSpec, description="Optimisation loop.", json_schema_extra=_defaults_of(TrainingSpec)
+    )
+    checkpoints: CheckpointSpec = Field(
+        default_factory=CheckpointSpec,
+        description="Checkpoint saving and rotation.",
+        json_schema_extra=_defaults_of(CheckpointSpec),
+    )
+    output: OutputSpec = Field(description="Where the LoRA and checkpoints are written.")
+    storage: StorageSpec = Field(
+        default_factory=StorageSpec, description="Object storage access.", json_schema_extra=_defaults_of(StorageSpec)
+    )
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec,
+        description="GPU class and pod resources.",
+        json_schema_extra=_defaults_of(ResourcesSpec),
+    )
+    suspend: StrictBool = Field(
+        False,
+        description="Stop the training pod (progress is kept in checkpoints); clear to resume. Kueue uses this too.",
+    )
+    run_policy: RunPolicySpec = Field(
+        default_factory=RunPolicySpec,
+        description="Retries and deadlines.",
+        json_schema_extra=_defaults_of(RunPolicySpec),
+    )
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
+        CrossFieldRule(
+            cel="type(self.training.steps) != int || self.checkpoints.saveEvery <= self.training.steps",
+            message="must not exceed training.steps",
+            field_path=".checkpoints.saveEvery",
+            holds=lambda s: not isinstance(s.training.steps, int) or s.checkpoints.save_every <= s.training.steps,
+        ),
+    )
+
+    def total_steps(self, pairs: int | None) -> int:
+        """Resolved step count: explicit steps, or pairs × autoStepsPerPair, or 3000 while pairs are unknown."""
+        if isinstance(self.training.steps, int):
+            return self.training.steps
+        if not pairs:
+            return AUTO_STEPS_WHEN_PAIRS_UNKNOWN
+        return pairs * self.training.auto_steps_per_pair
+
+    @property
+    def lora_alpha(self) -> int:
+        return self.lora.alpha if self.lora.alpha is not None else self.lora.rank

@@ -1,0 +1,113 @@
+"""The KontextLoRAJob status.
+
+Two writers share it without stepping on each other, each owning its own keys (merge patches):
+- the trainer (through a per-job Role limited to its own job): `stage`, progress (`step`, `totalSteps`,
+  `loss`, `stepsPerSecond`, `etaSeconds`, `progressPercentage`, `learningRate`), `datasetPairs`,
+  `checkpoints`, `lastCheckpoint`, `bestCheckpoint`, `loraUri`, `lastProgressTime`;
+- the operator: `phase`, `conditions`, `message`, `reason`, `restarts`, `jobName`, `startTime`,
+  `completionTime`, `observedGeneration`.
+The operator derives `phase` from the Kubernetes Job and the trainer's `stage`.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated
+
+from pydantic import Field
+
+from .base import ApiModel
+
+
+class Phase(StrEnum):
+    Pending = "Pending"
+    Downloading = "Downloading"
+    Training = "Training"
+    Uploading = "Uploading"
+    Succeeded = "Succeeded"
+    Failed = "Failed"
+    Suspended = "Suspended"
+
+    @property
+    def finished(self) -> bool:
+        return self in (Phase.Succeeded, Phase.Failed)
+
+
+class Stage(StrEnum):
+    """What the trainer is doing; the operator shows it as the phase while the pod runs."""
+
+    Downloading = "Downloading"
+    Training = "Training"
+    Uploading = "Uploading"
+    Done = "Done"
+
+
+class ConditionType(StrEnum):
+    Created = "Created"
+    Running = "Running"
+    Restarting = "Restarting"
+    Suspended = "Suspended"
+    Succeeded = "Succeeded"
+    Failed = "Failed"
+
+
+class Condition(ApiModel):
+    type: Annotated[str, Field(max_length=64)]
+    status: Annotated[str, Field(pattern=r"^(True|False|Unknown)$")]
+    reason: Annotated[str, Field(max_length=128)] | None = None
+    message: Annotated[str, Field(max_length=4096)] | None = None
+    last_transition_time: datetime | None = None
+
+
+class CheckpointRecord(ApiModel):
+    step: int = Field(ge=0, description="Optimiser step the checkpoint was saved at.")
+    uri: Annotated[str, Field(max_length=2048)] = Field(description="LoRA safetensors of this checkpoint.")
+    validation_loss: float | None = Field(None, description="Mean flow-matching loss on the held-out pairs.")
+    preview_uri: Annotated[str, Field(max_length=2048)] | None = Field(
+        None, description="Before/after preview grid on the held-out pairs."
+    )
+    time: datetime | None = None
+
+
+class KontextLoRAJobStatus(ApiModel):
+    phase: Phase | None = Field(
+        None, description="Pending, Downloading, Training, Uploading, Succeeded, Failed or Suspended."
+    )
+    message: Annotated[str, Field(max_length=8192)] | None = Field(
+        None, description="Human-readable detail of the phase, e.g. why it failed."
+    )
+    reason: Annotated[str, Field(max_length=128)] | None = Field(
+        None, description="Machine-readable cause of the last transition."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Created, Running, Restarting, Suspended, Succeeded, Failed."
+    )
+    observed_generation: int | None = None
+    job_name: Annotated[str, Field(max_length=253)] | None = Field(
+        None, description="The batch/v1 Job running the trainer."
+    )
+    restarts: int = Field(0, ge=0, description="Times the trainer was restarted (failures and preemptions).")
+    start_time: datetime | None = None
+    completion_time: datetime | None = None
+
+    stage: Stage | None = Field(None, description="What the trainer reports it is doing.")
+    step: int | None = Field(None, ge=0, description="Optimiser steps done.")
+    total_steps: int | None = Field(None, ge=0, description="Steps the run will take.")
+    loss: float | None = Field(None, description="Training loss, smoothed (exponential moving average).")
+    learning_rate: float | None = None
+    steps_per_second: float | None = None
+    eta_seconds: int | None = Field(None, ge=0, description="Estimated seconds until training ends.")
+    progress_percentage: int | None = Field(None, ge=0, le=100)
+    dataset_pairs: int | None = Field(None, ge=0, description="Valid pairs found in the dataset.")
+    checkpoints: list[CheckpointRecord] = Field(
+        default_factory=list, description="Checkpoints kept in storage, oldest first."
+    )
+    last_checkpoint: Annotated[str, Field(max_length=2048)] | None = Field(
+        None, description="URI of the newest checkpoint."
+    )
+    best_checkpoint: Annotated[str, Field(max_length=2048)] | None = Field(
+        None, description="Checkpoint with the lowest held-out loss."
+    )
+    lora_uri: Annotated[str, Field(max_length=2048)] | None = Field(None, description="The final LoRA, once uploaded.")
+    last_progress_time: datetime | None = Field(None, description="When the trainer last reported progress.")

@@ -1,0 +1,124 @@
+"""The `kontext-lora` command line.
+
+The core commands (crd, validate) need only the API model. `train`, `demo` and `tiny-model` import the
+trainer (the `[trainer]` extra: torch, diffusers, peft...); `operator` imports the kopf operator. Imports
+are lazy so the operator image, which has no torch, still runs this CLI.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from .api import InvalidJobError, load_job_file
+
+app = typer.Typer(
+    name="kontext-lora",
+    help="Train FLUX.1-Kontext-dev image-edit LoRAs: locally, or declaratively on Kubernetes.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+console = Console(stderr=True)
+
+REPO_CRD_DIR = Path(__file__).resolve().parents[1] / "crds"
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _require_trainer() -> None:
+    try:
+        import kontext_trainer.train  # noqa: F401
+    except ModuleNotFoundError as error:
+        raise _fail(
+            f"the trainer is not installed ({error.name} is missing): "
+            "install the trainer extra with `pip install 'kontext-lora[trainer]'`"
+        ) from None
+
+
+@app.command()
+def crd(
+    output: Annotated[Path, typer.Option(help="Folder to write kontextlorajob.yaml into.")] = REPO_CRD_DIR,
+    check: Annotated[bool, typer.Option(help="Only compare: exit 1 when the file differs from the model.")] = False,
+    stdout: Annotated[bool, typer.Option(help="Print the CRD instead of writing it.")] = False,
+) -> None:
+    """Generate the KontextLoRAJob CRD from the API model."""
+    from .crd import CRD_FILE, render_crd, write_crd
+
+    if stdout:
+        sys.stdout.write(render_crd())
+        return
+    if check:
+        path = output / CRD_FILE
+        if not path.exists() or path.read_text() != render_crd():
+            raise _fail(f"{path} is out of date: run `kontext-lora crd` and commit the result")
+        console.print(f"{path} matches the API model")
+        return
+    console.print(f"wrote {write_crd(output)}")
+
+
+@app.command()
+def validate(job_file: Annotated[Path, typer.Argument(help="KontextLoRAJob YAML file.")]) -> None:
+    """Check a KontextLoRAJob file against the API model and print it with every default filled in."""
+    import yaml
+
+    try:
+        job = load_job_file(job_file)
+    except InvalidJobError as error:
+        raise _fail(str(error)) from None
+    sys.stdout.write(yaml.safe_dump(job.to_wire(), sort_keys=False))
+
+
+@app.command()
+def train(
+    job_file: Annotated[Path | None, typer.Argument(help="KontextLoRAJob YAML file (local runs).")] = None,
+    from_env: Annotated[bool, typer.Option(help="Read the job from $KONTEXT_LORA_JOB (set by the operator).")] = False,
+    work_dir: Annotated[Path | None, typer.Option(help="Local working folder (downloads, cache, checkpoints).")] = None,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve Prometheus metrics on this port (0 = off).")] = None,
+) -> None:
+    """Train a LoRA from a KontextLoRAJob: pull the pairs, train, checkpoint, upload."""
+    _require_trainer()
+    from kontext_trainer.main import run_training
+
+    raise typer.Exit(run_training(job_file=job_file, from_env=from_env, work_dir=work_dir, metrics_port=metrics_port))
+
+
+@app.command()
+def demo(
+    work_dir: Annotated[Path, typer.Option(help="Where the demo writes its model, data and LoRA.")] = Path("runs/demo"),
+) -> None:
+    """Train a LoRA on the bundled example pairs with a tiny model on CPU: no cluster, no downloads."""
+    _require_trainer()
+    from kontext_trainer.demo import run_demo
+
+    raise typer.Exit(run_demo(work_dir))
+
+
+@app.command("tiny-model")
+def tiny_model(
+    directory: Annotated[Path, typer.Argument(help="Folder to save the diffusers-format model into.")],
+    seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
+) -> None:
+    """Build a tiny random-initialised FLUX.1-Kontext model (transformer, VAE, CLIP, T5, tokenizers)."""
+    _require_trainer()
+    from kontext_trainer.tiny_model import save_tiny_model
+
+    console.print(f"saved tiny FLUX.1-Kontext model to {save_tiny_model(directory, seed=seed)}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def operator(ctx: typer.Context) -> None:
+    """Run the Kubernetes operator (extra arguments go to `kopf run`, e.g. --namespace, --priority)."""
+    from kontext_operator.main import run_operator
+
+    raise typer.Exit(run_operator(ctx.args))
+
+
+if __name__ == "__main__":
+    app()

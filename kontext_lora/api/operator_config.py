@@ -1,0 +1,65 @@
+"""The operator's own configuration: what the Helm chart's values become (a ConfigMap mounted as YAML).
+
+The operator reads it from `$KONTEXT_LORA_OPERATOR_CONFIG` (default `/etc/kontext-lora/config.yaml`); a
+missing file means all defaults. GPU classes map to node labels here, so clusters labelled differently
+from NVIDIA GPU Feature Discovery adapt the mapping without a new release.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import Field, ValidationError
+
+from .base import ApiModel
+from .errors import describe
+from .gpu import DEFAULT_GPU_CLASSES, GpuClassPlacement
+from .spec import GpuClass
+
+CONFIG_ENV = "KONTEXT_LORA_OPERATOR_CONFIG"
+DEFAULT_CONFIG_PATH = Path("/etc/kontext-lora/config.yaml")
+
+
+class DefaultStorage(ApiModel):
+    endpoint: Annotated[str, Field(pattern=r"^https?://[^\s/]+(/.*)?$")] | None = Field(
+        None, description="S3 endpoint used when a job's spec.storage.endpoint is unset."
+    )
+    region: str = Field("us-east-1", description="Region used when a job leaves the default region.")
+
+
+class TrainerPodConfig(ApiModel):
+    image: str = Field("ghcr.io/kontext-lora/trainer:0.1.0", description="Trainer image.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    image_pull_secrets: list[str] = Field(default_factory=list)
+    metrics_port: int = Field(9090, ge=1, le=65535)
+    work_dir_size_limit: str = Field("200Gi", description="Size limit of the /work emptyDir.")
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on trainer pods.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations on trainer pods.")
+    priority_class_name: str | None = None
+
+
+class OperatorConfig(ApiModel):
+    trainer: TrainerPodConfig = Field(default_factory=TrainerPodConfig)
+    gpu_classes: dict[GpuClass, GpuClassPlacement] = Field(
+        default_factory=lambda: dict(DEFAULT_GPU_CLASSES),
+        description="Node affinity, tolerations and resource name per GPU class.",
+    )
+    default_storage: DefaultStorage = Field(default_factory=DefaultStorage)
+    watch_namespaces: list[str] = Field(default_factory=list, description="Namespaces to watch; empty = all.")
+    metrics_port: int = Field(8080, ge=1, le=65535, description="Port of the operator's own /metrics.")
+    health_port: int = Field(8081, ge=1, le=65535, description="Port of the operator's liveness/readiness probe.")
+
+
+def load_operator_config(path: Path | None = None) -> OperatorConfig:
+    path = path or Path(os.environ.get(CONFIG_ENV, DEFAULT_CONFIG_PATH))
+    if not path.exists():
+        return OperatorConfig()
+    try:
+        return OperatorConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+    except ValidationError as error:
+        raise ValueError(f"{path}: invalid operator config: {describe(error, root='')}") from None
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML: {error}") from None

@@ -49,18 +49,55 @@ def crd(
     stdout: Annotated[bool, typer.Option(help="Print the CRD instead of writing it.")] = False,
 ) -> None:
     """Generate the KontextLoRAJob CRD from the API model."""
+    from .chart import CHART_CRD_TEMPLATE, CHART_DIR, render_chart_crd
     from .crd import CRD_FILE, render_crd, write_crd
 
     if stdout:
         sys.stdout.write(render_crd())
         return
+    # The chart carries its own copy (Helm cannot read files outside the chart), written alongside the default one.
+    chart_crd = CHART_DIR / CHART_CRD_TEMPLATE if output == REPO_CRD_DIR and CHART_DIR.is_dir() else None
     if check:
         path = output / CRD_FILE
         if not path.exists() or path.read_text() != render_crd():
             raise _fail(f"{path} is out of date: run `kontext-lora crd` and commit the result")
+        if chart_crd and (not chart_crd.exists() or chart_crd.read_text() != render_chart_crd()):
+            raise _fail(f"{chart_crd} is out of date: run `kontext-lora crd` and commit the result")
         console.print(f"{path} matches the API model")
         return
     console.print(f"wrote {write_crd(output)}")
+    if chart_crd:
+        chart_crd.write_text(render_chart_crd())
+        console.print(f"wrote {chart_crd}")
+
+
+@app.command()
+def chart(
+    chart_dir: Annotated[Path | None, typer.Option(help="The chart folder (default: charts/kontext-lora).")] = None,
+    check: Annotated[bool, typer.Option(help="Only compare: exit 1 when a generated file is stale.")] = False,
+) -> None:
+    """Regenerate the Helm chart's derived files: CRD, operator RBAC rules, values schema, README values table."""
+    from .chart import CHART_DIR, stale_files, undocumented_values, write_chart_files
+
+    directory = chart_dir or CHART_DIR
+    if check:
+        problems = [f"{path} is out of date" for path in stale_files(directory)]
+        problems += [
+            f"values.yaml: {key} has no `# --` description"
+            for key in undocumented_values((directory / "values.yaml").read_text())
+        ]
+        if problems:
+            raise _fail("; ".join(problems) + ": run `kontext-lora chart` and commit the result")
+        console.print(f"{directory}: generated files are up to date")
+        return
+    try:
+        written = write_chart_files(directory)
+    except ValueError as error:
+        raise _fail(str(error)) from None
+    for path in written:
+        console.print(f"wrote {path}")
+    if not written:
+        console.print(f"{directory}: generated files are up to date")
 
 
 @app.command()

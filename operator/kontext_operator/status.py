@@ -1,0 +1,422 @@
+"""From what the cluster says to what the user reads: the operator's half of a KontextLoRAJob's status.
+
+Pure functions over plain dicts (the trimmed batch Job and pods the operator watches, and the current status),
+so every rule is unit-tested without a cluster. The operator owns `phase`, `reason`, `message`, `conditions`,
+`restarts`, `jobName`, `startTime`, `completionTime` and `observedGeneration`; the trainer owns the progress
+keys (`stage`, `step`, `loss`, ...), which are only read here (docs/architecture.md, "Status ownership").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from kontext_lora.api import ConditionType, Phase, Stage
+
+from .resources import CONTAINER, EXIT_INVALID_INPUT, EXIT_STORAGE_UNREACHABLE, SPEC_HASH_ANNOTATION
+
+OPERATOR_KEYS = (
+    "phase",
+    "reason",
+    "message",
+    "conditions",
+    "restarts",
+    "jobName",
+    "startTime",
+    "completionTime",
+    "observedGeneration",
+)
+RUNNING_PHASES = (Phase.Downloading, Phase.Training, Phase.Uploading)
+MAX_MESSAGE = 8192
+MAX_CONDITION_MESSAGE = 4096
+JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
+EXIT_CODE_REASONS = {EXIT_INVALID_INPUT: "InvalidInput", EXIT_STORAGE_UNREACHABLE: "StorageUnreachable"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the operator keeps of the objects it watches (small: it must hold ~1,000 jobs in memory).
+
+
+def trim_job(body: dict[str, Any]) -> dict[str, Any]:
+    metadata, spec, status = body.get("metadata", {}), body.get("spec", {}), body.get("status") or {}
+    return {
+        "name": metadata.get("name"),
+        "uid": metadata.get("uid"),
+        "owners": [ref.get("uid") for ref in metadata.get("ownerReferences") or []],
+        "specHash": (metadata.get("annotations") or {}).get(SPEC_HASH_ANNOTATION),
+        "deleting": bool(metadata.get("deletionTimestamp")),
+        "suspend": bool(spec.get("suspend")),
+        "backoffLimit": spec.get("backoffLimit"),
+        "activeDeadlineSeconds": spec.get("activeDeadlineSeconds"),
+        "status": {
+            key: status.get(key)
+            for key in ("conditions", "active", "failed", "succeeded", "startTime", "completionTime")
+            if status.get(key) is not None
+        },
+    }
+
+
+def trim_pod(body: dict[str, Any]) -> dict[str, Any]:
+    metadata, spec, status = body.get("metadata", {}), body.get("spec", {}), body.get("status") or {}
+    containers = [c for c in status.get("containerStatuses") or [] if c.get("name") == CONTAINER]
+    return {
+        "name": metadata.get("name"),
+        "uid": metadata.get("uid"),
+        "jobUid": (metadata.get("labels") or {}).get(JOB_UID_LABEL),
+        "created": metadata.get("creationTimestamp"),
+        "deleting": bool(metadata.get("deletionTimestamp")),
+        "nodeName": spec.get("nodeName"),
+        "phase": status.get("phase"),
+        "startTime": status.get("startTime"),
+        "conditions": [
+            {k: c.get(k) for k in ("type", "status", "reason", "message") if c.get(k) is not None}
+            for c in status.get("conditions") or []
+        ],
+        "state": containers[0].get("state", {}) if containers else {},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Observation: phase, reason and message from the Job, its pods and the trainer's stage.
+
+
+@dataclass(frozen=True)
+class Observation:
+    phase: Phase
+    reason: str
+    message: str
+    restarting: str | None = None
+    """Why the trainer is being restarted (a failure message), while it is."""
+    restarts: int = 0
+    start_time: str | None = None
+    completion_time: str | None = None
+    job_exists: bool = False
+
+
+def _condition(conditions: list[dict] | None, kind: str) -> dict | None:
+    for condition in conditions or []:
+        if condition.get("type") == kind and condition.get("status") == "True":
+            return condition
+    return None
+
+
+def _terminated(pod: dict) -> dict:
+    return (pod.get("state") or {}).get("terminated") or {}
+
+
+def describe_failure(pod: dict) -> tuple[int | None, str]:
+    """Exit code and a one-line account of how a trainer pod ended, with its termination message."""
+    terminated = _terminated(pod)
+    code = terminated.get("exitCode")
+    text = (terminated.get("message") or "").strip()
+    if code is None:
+        for condition in pod.get("conditions") or []:
+            if condition.get("type") == "DisruptionTarget" and condition.get("status") == "True":
+                return None, f"pod {pod['name']} was disrupted ({condition.get('reason')}): {condition.get('message')}"
+        return None, f"pod {pod['name']} failed"
+    meaning = {
+        EXIT_INVALID_INPUT: "invalid input",
+        EXIT_STORAGE_UNREACHABLE: "storage unreachable",
+        137: "killed",
+        143: "terminated",
+    }.get(code, terminated.get("reason") or "error")
+    head = f"the trainer exited with code {code} ({meaning})"
+    return code, f"{head}: {text}" if text else head
+
+
+def _by_creation(pods: list[dict]) -> list[dict]:
+    return sorted(pods, key=lambda p: (p.get("created") or "", p.get("name") or ""))
+
+
+def _last_failed(pods: list[dict]) -> dict | None:
+    failed = [p for p in pods if p.get("phase") == "Failed"]
+    if not failed:
+        return None
+    return max(failed, key=lambda p: (_terminated(p).get("finishedAt") or "", p.get("created") or ""))
+
+
+def _parse_time(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _running_phase(status: dict, pod: dict) -> Phase:
+    """While the pod runs, the phase mirrors the trainer's stage (stale stages of an earlier pod are ignored)."""
+    stage = status.get("stage")
+    reported = _parse_time(status.get("lastProgressTime"))
+    started = _parse_time(((pod.get("state") or {}).get("running") or {}).get("startedAt") or pod.get("startTime"))
+    if stage and reported and started and reported < started:
+        stage = None
+    return {
+        Stage.Downloading: Phase.Downloading,
+        Stage.Training: Phase.Training,
+        Stage.Uploading: Phase.Uploading,
+        Stage.Done: Phase.Uploading,
+    }.get(stage, Phase.Downloading)
+
+
+def observe(
+    job: dict | None,
+    pods: list[dict],
+    status: dict,
+    *,
+    suspend: bool,
+    active_deadline_seconds: int | None = None,
+) -> Observation:
+    """Where the job stands, from its batch Job (None: not created yet or gone), its pods and the current status."""
+    restarts = int(status.get("restarts") or 0)
+    if job is None:
+        phase = status.get("phase")
+        if phase in (Phase.Succeeded, Phase.Failed):  # finished: the Job may be gone, the verdict stays
+            return Observation(
+                Phase(phase),
+                status.get("reason") or phase,
+                status.get("message") or "",
+                restarts=restarts,
+                start_time=status.get("startTime"),
+                completion_time=status.get("completionTime"),
+            )
+        created = next((c for c in status.get("conditions") or [] if c.get("type") == ConditionType.Created), None)
+        if created and created.get("status") == "True" and status.get("jobName"):
+            return Observation(
+                Phase.Pending,
+                "JobMissing",
+                f"Job {status['jobName']} is gone; the operator is creating it again "
+                "(training resumes from the last checkpoint)",
+                restarts=restarts,
+                start_time=status.get("startTime"),
+            )
+        return Observation(Phase.Pending, "Creating", "creating the trainer Job", restarts=restarts)
+
+    job_status = job.get("status") or {}
+    conditions = job_status.get("conditions")
+    failed_pods = int(job_status.get("failed") or 0)
+    start_time = status.get("startTime") or job_status.get("startTime")
+    last_failure = _last_failed(pods)
+
+    if complete := (_condition(conditions, "Complete") or _condition(conditions, "SuccessCriteriaMet")):
+        lora = status.get("loraUri")
+        return Observation(
+            Phase.Succeeded,
+            "Completed",
+            f"LoRA written to {lora}" if lora else "training finished and the LoRA was uploaded",
+            restarts=max(restarts, failed_pods),
+            start_time=start_time,
+            completion_time=job_status.get("completionTime") or complete.get("lastTransitionTime"),
+            job_exists=True,
+        )
+
+    if failure := (_condition(conditions, "Failed") or _condition(conditions, "FailureTarget")):
+        reason = failure.get("reason") or "Failed"
+        code, account = describe_failure(last_failure) if last_failure else (None, "")
+        if reason == "DeadlineExceeded":
+            limit = job.get("activeDeadlineSeconds") or active_deadline_seconds
+            message = f"the job ran longer than runPolicy.activeDeadlineSeconds ({limit}s) and was stopped"
+        elif reason == "PodFailurePolicy":
+            reason = EXIT_CODE_REASONS.get(code, reason)
+            message = f"{account}; not retried (a retry cannot fix this)" if account else failure.get("message", "")
+        elif reason == "BackoffLimitExceeded":
+            message = f"failed {failed_pods} times (runPolicy.backoffLimit is {job.get('backoffLimit')})"
+            message += f"; last failure: {account}" if account else ""
+        else:
+            message = account or failure.get("message") or reason
+        return Observation(
+            Phase.Failed,
+            reason,
+            message,
+            restarts=max(restarts, failed_pods - 1),
+            start_time=start_time,
+            completion_time=failure.get("lastTransitionTime"),
+            job_exists=True,
+        )
+
+    if job.get("suspend") or _condition(conditions, "Suspended"):
+        if suspend:
+            message = "suspended (spec.suspend is true): clear it to resume from the last checkpoint"
+            reason = "Suspended"
+        else:
+            message = (
+                "the batch Job was suspended by another controller (e.g. Kueue waiting for quota or preempting): "
+                + ((_condition(conditions, "Suspended") or {}).get("message") or "waiting to be resumed")
+            )
+            reason = "SuspendedByQueue"
+        return Observation(Phase.Suspended, reason, message, restarts=max(restarts, failed_pods))
+
+    restarts = max(restarts, failed_pods)
+    restarting = None
+    if failed_pods and last_failure:
+        restarting = f"restart {failed_pods} of {job.get('backoffLimit')} after: {describe_failure(last_failure)[1]}"
+    live = [p for p in _by_creation(pods) if p.get("phase") not in ("Succeeded", "Failed") and not p.get("deleting")]
+    current = live[-1] if live else None
+    if current and current.get("phase") == "Running":
+        return Observation(
+            _running_phase(status, current),
+            "Running",
+            f"trainer pod {current['name']} is running on node {current.get('nodeName')}",
+            restarts=restarts,
+            start_time=start_time,
+            job_exists=True,
+        )
+    if current:
+        scheduled = next((c for c in current.get("conditions") or [] if c.get("type") == "PodScheduled"), None)
+        waiting = (current.get("state") or {}).get("waiting") or {}
+        if scheduled and scheduled.get("status") == "False":
+            reason = scheduled.get("reason") or "Unschedulable"
+            message = f"waiting for a GPU node: {scheduled.get('message') or reason}"
+        elif waiting.get("reason"):
+            reason = waiting["reason"]
+            message = f"trainer pod {current['name']} is waiting: {waiting.get('message') or reason}"
+        elif current.get("nodeName"):
+            reason, message = "Starting", f"trainer pod {current['name']} is starting on node {current['nodeName']}"
+        else:
+            reason, message = "Scheduling", f"trainer pod {current['name']} is waiting to be scheduled"
+        return Observation(Phase.Pending, reason, message, restarting, restarts, start_time, job_exists=True)
+    if any(p.get("phase") == "Succeeded" for p in pods):
+        return Observation(
+            Phase.Uploading,
+            "Finishing",
+            "the trainer finished; the Job is completing",
+            None,
+            restarts,
+            start_time,
+            None,
+            True,
+        )
+    return Observation(
+        Phase.Pending,
+        "Restarting" if restarting else "WaitingForPod",
+        restarting or "waiting for the Job controller to create the trainer pod",
+        restarting,
+        restarts,
+        start_time,
+        job_exists=True,
+    )
+
+
+def invalid_spec(errors: list[str], status: dict) -> Observation:
+    return Observation(
+        Phase.Failed,
+        "InvalidSpec",
+        "invalid KontextLoRAJob: " + "; ".join(errors),
+        restarts=int(status.get("restarts") or 0),
+        completion_time=status.get("completionTime"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The operator's status keys, conditions included, and what changed.
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _truncate(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass
+class Conditions:
+    items: list[dict] = field(default_factory=list)
+    now: str = ""
+
+    def set(self, kind: ConditionType, value: bool, reason: str, message: str) -> None:
+        status = "True" if value else "False"
+        message = _truncate(message, MAX_CONDITION_MESSAGE)
+        for condition in self.items:
+            if condition.get("type") == kind:
+                if condition.get("status") != status:
+                    condition["lastTransitionTime"] = self.now
+                condition.update(status=status, reason=reason, message=message)
+                return
+        self.items.append(
+            {"type": str(kind), "status": status, "reason": reason, "message": message, "lastTransitionTime": self.now}
+        )
+
+    def clear(self, kind: ConditionType, reason: str, message: str) -> None:
+        """Set to False only if present: conditions that never applied are not listed."""
+        if any(c.get("type") == kind for c in self.items):
+            self.set(kind, False, reason, message)
+
+
+def desired_status(
+    current: dict, observation: Observation, *, job_name: str, generation: int | None, now: str | None = None
+) -> dict:
+    """The operator's keys of the status for an observation, keeping condition transition times that hold."""
+    now = now or now_iso()
+    obs = observation
+    conditions = Conditions([dict(c) for c in current.get("conditions") or []], now)
+    if obs.job_exists:
+        conditions.set(ConditionType.Created, True, "JobCreated", f"batch Job {job_name} runs the trainer")
+    elif obs.reason == "JobMissing":
+        conditions.set(ConditionType.Created, False, "JobMissing", obs.message)
+    running = obs.phase in RUNNING_PHASES
+    conditions.set(ConditionType.Running, running, "Running" if running else obs.reason, obs.message)
+    if obs.restarting and not running:
+        conditions.set(ConditionType.Restarting, True, "Restarting", obs.restarting)
+    else:
+        conditions.clear(ConditionType.Restarting, "Running" if running else obs.reason, obs.message)
+    if obs.phase == Phase.Suspended:
+        conditions.set(ConditionType.Suspended, True, obs.reason, obs.message)
+    else:
+        conditions.clear(ConditionType.Suspended, "Resumed", "resumed")
+    if obs.phase == Phase.Succeeded:
+        conditions.set(ConditionType.Succeeded, True, obs.reason, obs.message)
+    if obs.phase == Phase.Failed:
+        conditions.set(ConditionType.Failed, True, obs.reason, obs.message)
+    desired: dict[str, Any] = {
+        "phase": str(obs.phase),
+        "reason": obs.reason,
+        "message": _truncate(obs.message, MAX_MESSAGE),
+        "conditions": conditions.items,
+        "restarts": obs.restarts,
+        "jobName": job_name,
+        "observedGeneration": generation,
+    }
+    if obs.start_time:
+        desired["startTime"] = obs.start_time
+    if obs.completion_time and obs.phase.finished:
+        desired["completionTime"] = obs.completion_time
+    return desired
+
+
+def status_patch(current: dict, desired: dict) -> dict:
+    """The merge patch that brings the operator's keys of `current` to `desired` (empty when nothing changed)."""
+    return {key: value for key, value in desired.items() if current.get(key) != value}
+
+
+@dataclass(frozen=True)
+class Transition:
+    type: str
+    reason: str
+    message: str
+
+
+# Pending sub-states every job passes through: shown in status, but not worth an Event each.
+QUIET_REASONS = ("Creating", "WaitingForPod", "Scheduling", "Starting", "Running", "Finishing", "Recreating")
+NOTABLE_WARNINGS = ("Unschedulable", "JobMissing", "NameTaken", "CreateFailed", "SuspendedByQueue")
+
+
+def transitions(current: dict, desired: dict) -> list[Transition]:
+    """Kubernetes Events for what changed: every phase change, a notable new reason within a phase, each restart."""
+    events: list[Transition] = []
+    old_phase, new_phase = current.get("phase"), desired.get("phase")
+    reason, message = str(desired.get("reason") or new_phase), desired.get("message") or ""
+    phase_changed = old_phase != new_phase
+    if phase_changed or (current.get("reason") != reason and reason not in QUIET_REASONS):
+        warning = new_phase == Phase.Failed or reason in NOTABLE_WARNINGS
+        event_reason = reason if (warning or reason not in QUIET_REASONS) and reason != "Running" else str(new_phase)
+        headline = f"{old_phase or 'New'} -> {new_phase}" if phase_changed else str(new_phase)
+        events.append(Transition("Warning" if warning else "Normal", event_reason, f"{headline}: {message}"))
+    old_restarts, new_restarts = int(current.get("restarts") or 0), int(desired.get("restarts") or 0)
+    if new_restarts > old_restarts and new_phase != Phase.Failed:
+        restarting = next((c for c in desired.get("conditions", []) if c.get("type") == ConditionType.Restarting), {})
+        events.append(
+            Transition("Warning", "Restarting", restarting.get("message") or f"trainer restarted ({new_restarts})")
+        )
+    return events

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -74,6 +75,8 @@ def run_operator(args: list[str]) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if "POD_ID" not in os.environ and os.environ.get("POD_NAME"):
+        os.environ["POD_ID"] = os.environ["POD_NAME"]  # kopf's peering identity: the pod's name
     namespaces = [] if options.all_namespaces else (options.namespaces or list(config.watch_namespaces))
     kopf.configure(
         debug=options.debug, verbose=options.verbose, quiet=options.quiet, log_format=LOG_FORMATS[options.log_format]

@@ -38,7 +38,7 @@ CACHE_DIR = "/cache"
 HF_HOME = f"{CACHE_DIR}/huggingface"
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 # The trainer image runs as this uid/gid (Dockerfile.trainer); fsGroup makes the volumes writable for it.
-TRAINER_UID = 1000
+TRAINER_UID = 10001
 # Exit codes the trainer uses for failures that a retry cannot fix (docs/architecture.md, "Exit codes").
 EXIT_INVALID_INPUT = 2
 EXIT_STORAGE_UNREACHABLE = 3

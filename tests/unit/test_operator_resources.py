@@ -1,0 +1,171 @@
+"""The manifests a KontextLoRAJob becomes: names, ownership, GPU placement, env contract, pod security."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from kontext_operator import resources
+from kontext_operator.admission import DEPLOY_FILE, frozen_fields, render
+from kontext_operator.rbac import trainer_rules
+
+from kontext_lora.api import API_VERSION, KIND, GpuClass, parse_job
+from kontext_lora.api.operator_config import OperatorConfig
+
+
+def make_job(name: str = "jewels", **spec_overrides) -> object:
+    spec = {
+        "dataset": {"uri": "s3://data/jewels/", "controlDir": "before", "targetDir": "after"},
+        "output": {"uri": "s3://out/jewels/"},
+        "storage": {"credentialsSecret": "s3-credentials"},
+        **spec_overrides,
+    }
+    document = {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": name, "namespace": "team", "uid": "uid-1", "generation": 3},
+        "spec": spec,
+    }
+    return parse_job(document)
+
+
+def env_of(job_manifest: dict) -> dict[str, dict]:
+    container = job_manifest["spec"]["template"]["spec"]["containers"][0]
+    return {item["name"]: item for item in container["env"]}
+
+
+def test_names_are_deterministic_and_fit_63_characters() -> None:
+    assert resources.child_name("jewels") == "jewels-trainer"
+    long = "a" * 63
+    name = resources.child_name(long)
+    assert len(name) <= 63 and name.endswith("-trainer")
+    assert name == resources.child_name(long), "same job, same name: a restart finds what it created"
+    assert resources.child_name("a" * 60 + "bcd") != resources.child_name("a" * 60 + "bce")
+
+
+def test_every_object_is_owned_by_the_job_and_labelled() -> None:
+    job = make_job()
+    for manifest in (
+        resources.service_account(job),
+        resources.role(job),
+        resources.role_binding(job),
+        resources.batch_job(job, OperatorConfig()),
+    ):
+        metadata = manifest["metadata"]
+        assert metadata["name"] == "jewels-trainer" and metadata["namespace"] == "team"
+        assert metadata["ownerReferences"] == [
+            {
+                "apiVersion": API_VERSION,
+                "kind": KIND,
+                "name": "jewels",
+                "uid": "uid-1",
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+        assert metadata["labels"][resources.JOB_LABEL] == "jewels"
+        assert metadata["labels"][resources.MANAGED_BY_LABEL] == resources.MANAGED_BY
+
+
+def test_per_job_role_is_limited_to_the_job_by_resource_names() -> None:
+    job = make_job()
+    assert resources.role(job)["rules"] == trainer_rules("jewels")
+    binding = resources.role_binding(job)
+    assert binding["roleRef"]["name"] == "jewels-trainer"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "jewels-trainer", "namespace": "team"}]
+
+
+@pytest.mark.parametrize("gpu", list(GpuClass))
+def test_gpu_class_becomes_affinity_tolerations_and_resource(gpu: GpuClass) -> None:
+    job = make_job(resources={"gpu": gpu.value})
+    config = OperatorConfig()
+    manifest = resources.batch_job(job, config)
+    pod = manifest["spec"]["template"]["spec"]
+    placement = config.gpu_classes[gpu]
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    assert terms == [{"matchExpressions": [m.to_wire() for m in placement.match_expressions]}]
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    limits = pod["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1"
+
+
+def test_job_spec_retries_deadline_suspend_and_failure_policy() -> None:
+    job = make_job(runPolicy={"backoffLimit": 5, "activeDeadlineSeconds": 3600}, suspend=True)
+    spec = resources.batch_job(job, OperatorConfig())["spec"]
+    assert spec["backoffLimit"] == 5 and spec["activeDeadlineSeconds"] == 3600 and spec["suspend"] is True
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"
+    assert spec["podReplacementPolicy"] == "Failed"
+    rules = spec["podFailurePolicy"]["rules"]
+    assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [2, 3]
+    assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert "ttlSecondsAfterFinished" not in spec, "the KontextLoRAJob's TTL removes the Job with it"
+
+
+def test_env_follows_the_contract_and_credentials_come_from_the_secret() -> None:
+    job = make_job(storage={"endpoint": "http://minio:9000", "region": "eu-west-1", "credentialsSecret": "s3"})
+    env = env_of(resources.batch_job(job, OperatorConfig()))
+    document = json.loads(env["KONTEXT_LORA_JOB"]["value"])
+    assert document["metadata"] == {"name": "jewels", "namespace": "team", "uid": "uid-1", "generation": 3}
+    assert document["spec"]["dataset"]["uri"] == "s3://data/jewels/"
+    assert parse_job(document).spec == job.spec, "the trainer reads back the same spec"
+    assert env["AWS_ENDPOINT_URL_S3"]["value"] == "http://minio:9000"
+    assert env["AWS_REGION"]["value"] == env["AWS_DEFAULT_REGION"]["value"] == "eu-west-1"
+    assert env["AWS_ACCESS_KEY_ID"]["valueFrom"] == {"secretKeyRef": {"name": "s3", "key": "AWS_ACCESS_KEY_ID"}}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "s3", "key": "AWS_SECRET_ACCESS_KEY"}}
+    assert env["KONTEXT_LORA_WORK_DIR"]["value"] == "/work"
+    assert env["KONTEXT_LORA_REPORT_STATUS"]["value"] == "true"
+    assert env["KONTEXT_LORA_METRICS_PORT"]["value"] == "9090"
+    assert env["HF_HOME"]["value"] == "/cache/huggingface"
+    assert all("value" in item or "valueFrom" in item for item in env.values())
+
+
+def test_no_secret_means_no_credentials_env_and_cluster_defaults_fill_storage() -> None:
+    job = make_job(storage={})
+    config = OperatorConfig.model_validate({"defaultStorage": {"endpoint": "https://s3.local", "region": "eu-1"}})
+    env = env_of(resources.batch_job(job, config))
+    assert "AWS_ACCESS_KEY_ID" not in env and "AWS_SECRET_ACCESS_KEY" not in env
+    assert env["AWS_ENDPOINT_URL_S3"]["value"] == "https://s3.local"
+    assert env["AWS_REGION"]["value"] == "eu-1"
+    assert json.loads(env["KONTEXT_LORA_JOB"]["value"])["spec"]["storage"]["endpoint"] == "https://s3.local"
+
+
+def test_pod_runs_non_root_without_privileges() -> None:
+    pod = resources.batch_job(make_job(), OperatorConfig())["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == resources.TRAINER_UID
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    container = pod["containers"][0]["securityContext"]
+    assert container["allowPrivilegeEscalation"] is False and container["capabilities"] == {"drop": ["ALL"]}
+    assert container["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+    assert {"/work", "/cache", "/tmp"} <= mounts
+    assert pod["serviceAccountName"] == "jewels-trainer"
+    assert pod["containers"][0]["command"] == ["kontext-lora", "train", "--from-env"]
+    assert pod["containers"][0]["ports"] == [{"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
+
+
+def test_model_cache_claim_is_mounted() -> None:
+    pod = resources.batch_job(make_job(resources={"modelCacheClaim": "flux-cache"}), OperatorConfig())
+    volumes = {v["name"]: v for v in pod["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["cache"] == {"name": "cache", "persistentVolumeClaim": {"claimName": "flux-cache"}}
+
+
+def test_kueue_labels_go_to_the_batch_job_but_not_other_labels() -> None:
+    job = make_job()
+    job.metadata.labels.update({"kueue.x-k8s.io/queue-name": "gpu-queue", "team": "jewels"})
+    labels = resources.batch_job(job, OperatorConfig())["metadata"]["labels"]
+    assert labels["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert "team" not in labels
+
+
+def test_template_hash_ignores_fields_applied_in_place() -> None:
+    base = make_job()
+    assert resources.template_hash(base) == resources.template_hash(make_job(suspend=True))
+    assert resources.template_hash(base) == resources.template_hash(make_job(runPolicy={"backoffLimit": 7}))
+    assert resources.template_hash(base) != resources.template_hash(make_job(lora={"rank": 64}))
+
+
+def test_admission_policy_file_is_generated_from_the_model() -> None:
+    assert DEPLOY_FILE.read_text() == render(), "run `python -m kontext_operator.admission`"
+    assert "suspend" not in frozen_fields() and "runPolicy" not in frozen_fields()
+    assert {"lora", "training", "dataset", "output", "model"} <= set(frozen_fields())

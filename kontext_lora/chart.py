@@ -279,7 +279,6 @@ def build_values_schema(values_text: str) -> dict[str, Any]:
         ("operator", "metricsPort"): config["metricsPort"],
         ("operator", "healthPort"): config["healthPort"],
         ("operator", "peering", "name"): DNS_LABEL,
-        ("operator", "peering", "priority"): {"type": "integer"},
         ("trainer", "image", "pullPolicy"): trainer["imagePullPolicy"],
         ("trainer", "image", "digest"): DIGEST,
         ("trainer", "imagePullSecrets"): trainer["imagePullSecrets"],

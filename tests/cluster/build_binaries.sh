@@ -13,6 +13,7 @@ ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 KWOK_VERSION="${KWOK_VERSION:-v0.7.0}"
 HELM_VERSION="${HELM_VERSION:-v3.19.5}"
 MINIO_VERSION="${MINIO_VERSION:-v0.0.0-20260212201848-7aac2a2c5b7c}"
+PROMETHEUS_OPERATOR_VERSION="${PROMETHEUS_OPERATOR_VERSION:-v0.85.0}"
 
 CACHE="${KONTEXT_LORA_CACHE:-$HOME/.cache/kontext-lora}"
 BIN="$CACHE/bin"
@@ -112,8 +113,23 @@ build_simple() {  # NAME VERSION MODULE PACKAGE BINARY [LDFLAGS]
   stamp "$name" "$version"
 }
 
+# The Prometheus operator's ServiceMonitor/PodMonitor CRDs (the chart's monitors are dry-run applied against them):
+# YAML files of the github.com/prometheus-operator/prometheus-operator Go module, copied to $CACHE/crds.
+fetch_monitoring_crds() {
+  local version=$PROMETHEUS_OPERATOR_VERSION crds="$CACHE/crds"
+  [[ "$(cat "$crds/.monitoring.version" 2>/dev/null)" == "$version" ]] && { log "monitoring-crds $version: cached"; return; }
+  log "monitoring-crds $version: downloading the prometheus-operator module"
+  local dir; dir=$(new_module monitoring-crds)
+  local src; src=$(cd "$dir" && go mod download -json "github.com/prometheus-operator/prometheus-operator@$version" \
+    | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
+  mkdir -p "$crds"
+  cp "$src"/example/prometheus-operator-crd/monitoring.coreos.com_{servicemonitors,podmonitors}.yaml "$crds/"
+  chmod u+w "$crds"/*.yaml
+  echo "$version" > "$crds/.monitoring.version"
+}
+
 components=("$@")
-[[ ${#components[@]} -gt 0 ]] || components=(etcd kubernetes kwok minio helm)
+[[ ${#components[@]} -gt 0 ]] || components=(etcd kubernetes kwok minio helm monitoring-crds)
 for c in "${components[@]}"; do
   start=$SECONDS
   case "$c" in
@@ -122,6 +138,7 @@ for c in "${components[@]}"; do
     kwok) build_simple kwok "$KWOK_VERSION" sigs.k8s.io/kwok sigs.k8s.io/kwok/cmd/kwok kwok ;;
     helm) build_simple helm "$HELM_VERSION" helm.sh/helm/v3 helm.sh/helm/v3/cmd/helm helm \
             "-X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean" ;;
+    monitoring-crds) fetch_monitoring_crds ;;
     minio) build_simple minio "$MINIO_VERSION" github.com/minio/minio github.com/minio/minio minio ;;
     *) log "unknown component: $c"; exit 2 ;;
   esac

@@ -2,6 +2,9 @@
 
 - `templates/crd-kontextlorajob.yaml`: the KontextLoRAJob CRD from the API model (Helm cannot read `crds/` outside
   the chart), wrapped in `crds.install` / `crds.keep`.
+- `templates/admission-policy.yaml`: the ValidatingAdmissionPolicy (+ binding) that refuses spec changes to started
+  jobs, from `kontext_operator.admission`, wrapped in `admissionPolicy.enabled`.
+- `crds/kopf-peering.yaml`: kopf's peering CRDs, copied from `deploy/kopf-peering-crds.yaml`.
 - `files/operator-rbac.yaml`: the operator's RBAC rules from `kontext_operator.rbac`, which the ClusterRole/Role
   templates render.
 - `values.schema.json`: types inferred from `values.yaml`, with the parts the operator config reads
@@ -24,8 +27,12 @@ import yaml
 
 from .crd import HEADER, build_crd
 
-CHART_DIR = Path(__file__).resolve().parents[1] / "charts" / "kontext-lora"
+REPO_DIR = Path(__file__).resolve().parents[1]
+CHART_DIR = REPO_DIR / "charts" / "kontext-lora"
 CHART_CRD_TEMPLATE = Path("templates") / "crd-kontextlorajob.yaml"
+ADMISSION_TEMPLATE = Path("templates") / "admission-policy.yaml"
+PEERING_CRDS = Path("crds") / "kopf-peering.yaml"
+DEPLOY_PEERING_CRDS = REPO_DIR / "deploy" / "kopf-peering-crds.yaml"
 RBAC_FILE = Path("files") / "operator-rbac.yaml"
 VALUES_SCHEMA = Path("values.schema.json")
 README = Path("README.md")
@@ -61,6 +68,44 @@ def render_chart_crd() -> str:
         "    helm.sh/resource-policy: keep\n"
         "  {{- end }}\n" + _helm_escape(spec) + "{{- end }}\n"
     )
+
+
+# --- admission policy and peering CRDs (from the operator) -------------------------------------------------------
+
+
+def _with_chart_labels(document: dict[str, Any]) -> str:
+    """One manifest whose metadata.labels become the chart's labels; the rest dumped as the operator renders it."""
+    from kontext_operator.admission import _Dumper
+
+    body = {k: v for k, v in document.items() if k not in ("apiVersion", "kind", "metadata")}
+    return (
+        f"apiVersion: {document['apiVersion']}\n"
+        f"kind: {document['kind']}\n"
+        "metadata:\n"
+        f"  name: {document['metadata']['name']}\n"
+        "  labels:\n"
+        '    {{- include "kontext-lora.labels" . | nindent 4 }}\n'
+        + _helm_escape(yaml.dump(body, Dumper=_Dumper, sort_keys=False, width=200))
+    )
+
+
+def render_chart_admission_policy() -> str:
+    """The operator's ValidatingAdmissionPolicy and its binding as a chart template."""
+    from kontext_operator.admission import binding, policy
+
+    return (
+        "{{- if .Values.admissionPolicy.enabled }}\n"
+        f"# {GENERATED} from operator/kontext_operator/admission.py. Do not edit.\n"
+        "# Refuses KontextLoRAJob spec changes (other than suspend and runPolicy) once training has started.\n"
+        + _with_chart_labels(policy())
+        + "---\n"
+        + _with_chart_labels(binding())
+        + "{{- end }}\n"
+    )
+
+
+def render_chart_peering_crds() -> str:
+    return f"# {GENERATED}: a copy of deploy/kopf-peering-crds.yaml. Do not edit.\n" + DEPLOY_PEERING_CRDS.read_text()
 
 
 # --- RBAC -------------------------------------------------------------------------------------------------------
@@ -330,6 +375,8 @@ def generated_files(chart_dir: Path = CHART_DIR) -> dict[Path, str]:
     values_text = (chart_dir / "values.yaml").read_text()
     return {
         chart_dir / CHART_CRD_TEMPLATE: render_chart_crd(),
+        chart_dir / ADMISSION_TEMPLATE: render_chart_admission_policy(),
+        chart_dir / PEERING_CRDS: render_chart_peering_crds(),
         chart_dir / RBAC_FILE: render_rbac_rules(),
         chart_dir / VALUES_SCHEMA: render_values_schema(values_text),
         chart_dir / README: render_readme((chart_dir / README).read_text(), values_text),

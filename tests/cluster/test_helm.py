@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kontext_operator.admission import POLICY_NAME
 from kontext_operator.rbac import OPERATOR_RULES
 
 from kontext_lora.api import DEFAULT_GPU_CLASSES, GROUP, PLURAL
@@ -114,6 +115,8 @@ def test_default_render(helm: Helm) -> None:
             "Deployment",
             "Service",
             "ServiceAccount",
+            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicyBinding",
         ]
     )
     crd = find(manifests, "CustomResourceDefinition")
@@ -251,7 +254,7 @@ def test_every_rendered_manifest_passes_a_server_side_dry_run(
 ) -> None:
     # CRDs that objects of the same apply need (a dry run creates nothing): the Prometheus operator's monitors
     # and kopf's peering (the chart's crds/ folder, which Helm installs before the templates).
-    for path in [*monitoring_crds(), CHART / "crds" / "clusterkopfpeerings.yaml"]:
+    for path in [*monitoring_crds(), CHART / "crds" / "kopf-peering.yaml"]:
         cluster.kubectl("apply", "--server-side", "-f", str(path))
     for name in (
         "servicemonitors.monitoring.coreos.com",
@@ -272,7 +275,7 @@ def test_every_rendered_manifest_passes_a_server_side_dry_run(
 
 
 def test_rbac_scope_classification_matches_the_apiserver(cluster: Cluster) -> None:
-    cluster.kubectl("apply", "--server-side", "-f", str(CHART / "crds" / "clusterkopfpeerings.yaml"))
+    cluster.kubectl("apply", "--server-side", "-f", str(CHART / "crds" / "kopf-peering.yaml"))
     cluster.kubectl("wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev")
     cluster.install_crd()
     cluster_scoped = set(cluster.kubectl("api-resources", "--namespaced=false", "-o", "name").stdout.split())
@@ -283,30 +286,49 @@ def test_rbac_scope_classification_matches_the_apiserver(cluster: Cluster) -> No
                 assert (full in cluster_scoped) == (resource.split("/")[0] in CLUSTER_SCOPED_RESOURCES), full
 
 
+# Cluster-scoped objects of the chart that other tests of the session may have applied with kubectl from crds/ and
+# deploy/ first, and the file each came from (restored after the release is gone, so the cluster stays as found).
+SHARED_OBJECTS = {
+    ("crd", CRD_NAME): REPO / "crds" / "kontextlorajob.yaml",
+    ("validatingadmissionpolicy", POLICY_NAME): REPO / "deploy" / "admission-policy.yaml",
+    ("validatingadmissionpolicybinding", POLICY_NAME): REPO / "deploy" / "admission-policy.yaml",
+}
+
+
+def _adopt(cluster: Cluster, kind: str, name: str, release: str, namespace: str) -> bool:
+    """Lets Helm adopt an object applied with kubectl, the way the chart README tells users to. True if it existed."""
+    existing = cluster.kubectl("get", kind, name, "-o", "json", check=False)
+    if existing.returncode != 0:
+        return False
+    if json.loads(existing.stdout)["metadata"].get("labels", {}).get("app.kubernetes.io/managed-by") != "Helm":
+        cluster.kubectl("label", kind, name, "app.kubernetes.io/managed-by=Helm", "--overwrite")
+        cluster.kubectl(
+            "annotate", kind, name, "--overwrite",
+            f"meta.helm.sh/release-name={release}", f"meta.helm.sh/release-namespace={namespace}",
+        )  # fmt: skip
+    return True
+
+
 @pytest.fixture(scope="module")
 def release(cluster: Cluster, helm: Helm, namespaces: list[str]) -> Iterator[dict[str, str]]:
     """The chart installed cluster-wide into the restricted namespace; uninstalled at the end."""
     release_ns = namespaces[0]
     helm.kubeconfig = cluster.kubeconfig
-    existing = cluster.kubectl("get", "crd", CRD_NAME, "-o", "json", check=False)
-    if existing.returncode == 0:
-        # Another test applied crds/ with kubectl: adopt it the way the chart README tells users to.
-        labels = json.loads(existing.stdout)["metadata"].get("labels", {})
-        if labels.get("app.kubernetes.io/managed-by") != "Helm":
-            cluster.kubectl("label", "crd", CRD_NAME, "app.kubernetes.io/managed-by=Helm", "--overwrite")
-            cluster.kubectl(
-                "annotate", "crd", CRD_NAME, "--overwrite",
-                "meta.helm.sh/release-name=kl", f"meta.helm.sh/release-namespace={release_ns}",
-            )  # fmt: skip
+    found = [key for key in SHARED_OBJECTS if _adopt(cluster, *key, "kl", release_ns)]
     began = time.monotonic()
     install = helm.run(
         "install", "kl", CHART, "--namespace", release_ns, "--wait", "--timeout", "3m",
         "--set", "storage.endpoint=http://minio.storage.svc:9000", timeout=240,
     )  # fmt: skip
-    info = {"namespace": release_ns, "serviceaccount": "kl-kontext-lora", "seconds": f"{time.monotonic() - began:.1f}"}
-    info["notes"] = install.stdout
-    yield info
+    yield {
+        "namespace": release_ns,
+        "serviceaccount": "kl-kontext-lora",
+        "seconds": f"{time.monotonic() - began:.1f}",
+        "notes": install.stdout,
+    }
     helm.run("uninstall", "kl", "--namespace", release_ns, "--wait", check=False)
+    for path in sorted({SHARED_OBJECTS[key] for key in found}):
+        cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
 
 
 def test_helm_install_brings_the_operator_up_on_a_kwok_node(cluster: Cluster, release: dict[str, str]) -> None:
@@ -344,6 +366,31 @@ def test_a_job_applied_after_install_is_accepted(
         input=json.dumps({**stored, "metadata": {"name": "bad"}, "spec": {**stored["spec"], "lora": {"rank": 4096}}}),
     )  # fmt: skip
     assert refused.returncode != 0 and "spec.lora.rank" in refused.stderr, refused.stderr
+
+
+def test_the_charts_admission_policy_freezes_the_spec_of_a_started_job(
+    cluster: Cluster, release: dict[str, str], namespaces: list[str]
+) -> None:
+    team = namespaces[1]
+    name = yaml.safe_load(EXAMPLE_JOB.read_text())["metadata"]["name"]
+    cluster.kubectl("apply", "-n", team, "-f", str(EXAMPLE_JOB))
+    status = json.dumps({"status": {"phase": "Training"}})
+    cluster.kubectl("patch", "klj", name, "-n", team, "--subresource=status", "--type=merge", "-p", status)
+    change = json.dumps({"spec": {"lora": {"rank": 16}}})
+    deadline = time.monotonic() + 30  # the apiserver compiles a new policy within a few seconds
+    while (
+        result := cluster.kubectl("patch", "klj", name, "-n", team, "--type=merge", "-p", change, check=False)
+    ).returncode == 0:
+        assert time.monotonic() < deadline, (
+            "a Training job's spec.lora changed: the chart's admission policy is not active"
+        )
+        cluster.kubectl(
+            "patch", "klj", name, "-n", team, "--type=merge", "-p", json.dumps({"spec": {"lora": {"rank": 32}}})
+        )
+        time.sleep(0.5)
+    assert POLICY_NAME in result.stderr and "spec.lora cannot change" in result.stderr, result.stderr
+    suspend = json.dumps({"spec": {"suspend": True}})
+    cluster.kubectl("patch", "klj", name, "-n", team, "--type=merge", "-p", suspend)
 
 
 # --- permissions of the operator's ServiceAccount ---------------------------------------------------------------
@@ -447,7 +494,8 @@ def test_watched_namespaces_release_grants_namespaced_verbs_only_there(
     try:
         helm.run(
             "install", "scoped", CHART, "--namespace", ns, "--wait", "--timeout", "3m",
-            "--set", "crds.install=false", "--set", f"watchNamespaces={{{team_a}}}", timeout=240,
+            "--set", "crds.install=false", "--set", "admissionPolicy.enabled=false",
+            "--set", f"watchNamespaces={{{team_a}}}", timeout=240,
         )  # fmt: skip
         subject = f"system:serviceaccount:{ns}:scoped-kontext-lora"
         assert _can_i(cluster, subject, "create", "jobs.batch", "-n", team_a)

@@ -181,6 +181,15 @@ def test_runs_as_a_numeric_non_root_user(dockerfile: tuple[str, list[Stage]]) ->
     assert uid.isdigit() and int(uid) != 0, f"{name}: USER {users[-1]} must be a numeric non-root uid"
 
 
+def test_trainer_pods_run_as_the_trainer_images_user() -> None:
+    from kontext_operator.resources import TRAINER_UID
+
+    uid, _, gid = stages((REPO / "Dockerfile.trainer").read_text())[-1].all("USER")[-1].partition(":")
+    assert (int(uid), int(gid or uid)) == (TRAINER_UID, TRAINER_UID), (
+        "the operator's runAsUser/fsGroup for trainer pods differs from Dockerfile.trainer's USER"
+    )
+
+
 def test_entrypoint_is_an_installed_console_script_with_a_real_subcommand(
     dockerfile: tuple[str, list[Stage]],
 ) -> None:

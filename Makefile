@@ -21,6 +21,7 @@ binaries:
 lint: bootstrap
 	@$(VENV)/bin/ruff check .
 	@$(VENV)/bin/kontext-lora crd --check
+	@$(VENV)/bin/kontext-lora chart --check
 
 # The whole suite: lint, CRD freshness, unit, cluster, e2e. Never skips the cluster tests.
 test: bootstrap binaries lint

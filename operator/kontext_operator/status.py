@@ -276,9 +276,10 @@ def observe(
         else:
             reason, message = "Scheduling", f"trainer pod {current['name']} is waiting to be scheduled"
         return Observation(Phase.Pending, reason, message, restarting, restarts, start_time, job_exists=True)
-    if any(p.get("phase") == "Succeeded" for p in pods):
+    if any(p.get("phase") == "Succeeded" for p in pods):  # the job controller has not marked the Job complete yet
+        phase = status.get("phase")
         return Observation(
-            Phase.Uploading,
+            Phase(phase) if phase in RUNNING_PHASES else Phase.Uploading,
             "Finishing",
             "the trainer finished; the Job is completing",
             None,
@@ -410,7 +411,8 @@ def transitions(current: dict, desired: dict) -> list[Transition]:
     phase_changed = old_phase != new_phase
     if phase_changed or (current.get("reason") != reason and reason not in QUIET_REASONS):
         warning = new_phase == Phase.Failed or reason in NOTABLE_WARNINGS
-        event_reason = reason if (warning or reason not in QUIET_REASONS) and reason != "Running" else str(new_phase)
+        specific = new_phase in (Phase.Failed, Phase.Pending, Phase.Suspended) and reason not in QUIET_REASONS
+        event_reason = reason if specific else str(new_phase)
         headline = f"{old_phase or 'New'} -> {new_phase}" if phase_changed else str(new_phase)
         events.append(Transition("Warning" if warning else "Normal", event_reason, f"{headline}: {message}"))
     old_restarts, new_restarts = int(current.get("restarts") or 0), int(desired.get("restarts") or 0)

@@ -340,6 +340,11 @@ def build_values_schema(values_text: str) -> dict[str, Any]:
         ("metrics", "serviceMonitor", "scrapeTimeout"): DURATION,
         ("metrics", "podMonitor", "interval"): DURATION,
         ("metrics", "podMonitor", "scrapeTimeout"): DURATION,
+        ("metrics", "prometheusRule", "stalledFor"): DURATION,
+        ("metrics", "prometheusRule", "additionalLabels"): {
+            "type": "object",
+            "additionalProperties": {"type": "string"},
+        },
         ("dashboards", "labels"): {"type": "object", "additionalProperties": {"type": "string"}},
         ("dashboards", "annotations"): {"type": "object", "additionalProperties": {"type": "string"}},
         ("commonLabels",): {"type": "object", "additionalProperties": {"type": "string"}},

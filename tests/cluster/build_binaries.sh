@@ -113,19 +113,22 @@ build_simple() {  # NAME VERSION MODULE PACKAGE BINARY [LDFLAGS]
   stamp "$name" "$version"
 }
 
-# The Prometheus operator's ServiceMonitor/PodMonitor CRDs (the chart's monitors are dry-run applied against them):
-# YAML files of the github.com/prometheus-operator/prometheus-operator Go module, copied to $CACHE/crds.
+# The Prometheus operator's ServiceMonitor/PodMonitor/PrometheusRule CRDs (the chart's monitoring objects are dry-run
+# applied against them): YAML files of the github.com/prometheus-operator/prometheus-operator Go module.
 fetch_monitoring_crds() {
-  local version=$PROMETHEUS_OPERATOR_VERSION crds="$CACHE/crds"
-  [[ "$(cat "$crds/.monitoring.version" 2>/dev/null)" == "$version" ]] && { log "monitoring-crds $version: cached"; return; }
-  log "monitoring-crds $version: downloading the prometheus-operator module"
+  local kinds=(servicemonitors podmonitors prometheusrules) crds="$CACHE/crds"
+  local want="$PROMETHEUS_OPERATOR_VERSION ${kinds[*]}"
+  [[ "$(cat "$crds/.monitoring.version" 2>/dev/null)" == "$want" ]] && { log "monitoring-crds $want: cached"; return; }
+  log "monitoring-crds $PROMETHEUS_OPERATOR_VERSION: downloading the prometheus-operator module"
   local dir; dir=$(new_module monitoring-crds)
-  local src; src=$(cd "$dir" && go mod download -json "github.com/prometheus-operator/prometheus-operator@$version" \
+  local src; src=$(cd "$dir" && go mod download -json "github.com/prometheus-operator/prometheus-operator@$PROMETHEUS_OPERATOR_VERSION" \
     | sed -n 's/^[[:space:]]*"Dir": "\(.*\)",$/\1/p')
   mkdir -p "$crds"
-  cp "$src"/example/prometheus-operator-crd/monitoring.coreos.com_{servicemonitors,podmonitors}.yaml "$crds/"
+  local kind; for kind in "${kinds[@]}"; do
+    cp "$src/example/prometheus-operator-crd/monitoring.coreos.com_$kind.yaml" "$crds/"
+  done
   chmod u+w "$crds"/*.yaml
-  echo "$version" > "$crds/.monitoring.version"
+  echo "$want" > "$crds/.monitoring.version"
 }
 
 components=("$@")

@@ -45,6 +45,7 @@ def _everything(namespaces: list[str]) -> dict[str, Any]:
         "metrics": {
             "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
             "podMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+            "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
         },
         "dashboards": {"annotations": {"grafana_folder": "Training"}},
         "commonLabels": {"team": "imaging"},
@@ -252,16 +253,14 @@ def namespaces(cluster: Cluster) -> Iterator[list[str]]:
 def test_every_rendered_manifest_passes_a_server_side_dry_run(
     cluster: Cluster, helm: Helm, namespaces: list[str]
 ) -> None:
-    # CRDs that objects of the same apply need (a dry run creates nothing): the Prometheus operator's monitors
-    # and kopf's peering (the chart's crds/ folder, which Helm installs before the templates).
+    # CRDs that objects of the same apply need (a dry run creates nothing): the Prometheus operator's monitors and
+    # rules, and kopf's peering (the chart's crds/ folder, which Helm installs before the templates).
     for path in [*monitoring_crds(), CHART / "crds" / "kopf-peering.yaml"]:
         cluster.kubectl("apply", "--server-side", "-f", str(path))
-    for name in (
-        "servicemonitors.monitoring.coreos.com",
-        "podmonitors.monitoring.coreos.com",
-        "clusterkopfpeerings.kopf.dev",
-    ):
-        cluster.kubectl("wait", "--for=condition=Established", f"crd/{name}")
+    for path in [*monitoring_crds(), CHART / "crds" / "kopf-peering.yaml"]:
+        for document in yaml.safe_load_all(path.read_text()):
+            if document:
+                cluster.kubectl("wait", "--for=condition=Established", f"crd/{document['metadata']['name']}")
     release_ns, *watched = namespaces
     for values in (_everything(watched), _everything([]), {"operator": {"replicas": 2, "peering": {"enabled": True}}}):
         text = helm.template_text(values, "dry", release_ns, "--include-crds").stdout

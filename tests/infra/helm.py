@@ -31,9 +31,10 @@ def cluster_kube_version() -> str:
 
 
 def monitoring_crds() -> list[Path]:
-    """The Prometheus operator's ServiceMonitor and PodMonitor CRDs (component `monitoring-crds`)."""
+    """The Prometheus operator's ServiceMonitor, PodMonitor and PrometheusRule CRDs (component `monitoring-crds`)."""
     folder = cache_dir() / "crds"
-    paths = [folder / f"monitoring.coreos.com_{kind}.yaml" for kind in ("servicemonitors", "podmonitors")]
+    kinds = ("servicemonitors", "podmonitors", "prometheusrules")
+    paths = [folder / f"monitoring.coreos.com_{kind}.yaml" for kind in kinds]
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(

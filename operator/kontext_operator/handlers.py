@@ -72,6 +72,12 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         reconciler.kube.close()
 
 
+@kopf.on.probe(id="jobs")
+def probe_jobs(memo: kopf.Memo, **_: Any) -> dict[str, int]:
+    """/healthz shows the jobs this replica knows, by phase."""
+    return metrics.JOB_PHASES.counts()
+
+
 # ---- indexes: the in-memory view of the cluster -------------------------------------------------------------
 
 

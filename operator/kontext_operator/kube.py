@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -22,6 +23,8 @@ from kontext_lora.api import GROUP, PLURAL, VERSION
 JSON = "application/json"
 MERGE_PATCH = "application/merge-patch+json"
 REQUEST_TIMEOUT = 30.0
+# Which replica wrote an Event: kopf's peering identity (the pod name in a cluster), else the host name.
+REPORTING_INSTANCE = (os.environ.get("POD_ID") or os.environ.get("POD_NAME") or socket.gethostname())[:128]
 
 
 class KubeError(Exception):
@@ -167,7 +170,7 @@ class Kube:
             "message": message[:1024],
             "source": {"component": component},
             "reportingComponent": component,
-            "reportingInstance": socket.gethostname()[:128],
+            "reportingInstance": REPORTING_INSTANCE,
             "firstTimestamp": now,
             "lastTimestamp": now,
             "count": 1,

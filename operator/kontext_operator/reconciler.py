@@ -245,9 +245,17 @@ class Reconciler:
         current = next((j for j in owned if not j.get("deleting")), None) or (owned[0] if owned else None)
         try:
             if current is None:
-                for manifest in (resources.service_account(job), resources.role(job), resources.role_binding(job)):
-                    await self._create_or_adopt(key, manifest, uid)
-                current = trim_job(await self._create_or_adopt(key, desired, uid))
+                # The pod needs its ServiceAccount to exist, the RoleBinding its Role (escalation check); the binding
+                # is only used once the trainer reports progress, so it is made alongside the Job.
+                await asyncio.gather(
+                    self._create_or_adopt(key, resources.service_account(job), uid),
+                    self._create_or_adopt(key, resources.role(job), uid),
+                )
+                _, created = await asyncio.gather(
+                    self._create_or_adopt(key, resources.role_binding(job), uid),
+                    self._create_or_adopt(key, desired, uid),
+                )
+                current = trim_job(created)
                 await self.event(
                     body, "Normal", "JobCreated", f"created batch Job {desired['metadata']['name']} for the trainer"
                 )

@@ -91,7 +91,7 @@ class OperatorProcess:
         return self.root / "logs" / f"{self.name}.log"
 
     def argv(self) -> list[str]:
-        argv = [str(KONTEXT_LORA), "operator", "--log-format", "plain", "--verbose"]
+        argv = [str(KONTEXT_LORA), "operator", "--log-format", "full", "--verbose"]
         for namespace in self.namespaces:
             argv += ["--namespace", namespace]
         if self.standalone:
@@ -188,4 +188,3 @@ def kubectl_json(plane: ControlPlane, *args: str) -> Any:
     if result.returncode != 0:
         return None
     return json.loads(result.stdout)
-

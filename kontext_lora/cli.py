@@ -144,7 +144,7 @@ def tiny_model(
 ) -> None:
     """Build a tiny random-initialised FLUX.1-Kontext model (transformer, VAE, CLIP, T5, tokenizers)."""
     _require_trainer()
-    from kontext_trainer.tiny_model import save_tiny_model
+    from kontext_trainer.model.tiny import save_tiny_model
 
     console.print(f"saved tiny FLUX.1-Kontext model to {save_tiny_model(directory, seed=seed)}")
 

@@ -1,0 +1,13 @@
+"""The kontext-lora trainer: FLUX.1-Kontext LoRA training from a KontextLoRAJob (runs in the GPU pod).
+
+Entry points: `main.run_training` (`kontext-lora train`), `demo.run_demo` (`kontext-lora demo`),
+`tiny_model.save_tiny_model` (`kontext-lora tiny-model`). The math is in `flux_math`, one optimiser step in
+`train_step.KontextTrainStep`, a whole run in `train.TrainingRun`.
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("kontext-lora")
+except PackageNotFoundError:  # running from a source tree that is not installed
+    __version__ = "0.0.0"

@@ -1,0 +1,117 @@
+"""The dataset stage: list the pairs, validate names, download (parallel, cached), decode, caption."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+from tqdm.auto import tqdm
+
+from kontext_lora.api.spec import DatasetSpec
+
+from ..errors import DatasetError
+from ..storage import Storage
+from .captions import clean_caption, compose_caption
+from .images import ImageDecodeError, bucket_for, open_image
+from .layout import index_pairs
+
+log = logging.getLogger(__name__)
+
+
+class TrainingPair(BaseModel):
+    """One validated pair on local disk, with its composed caption and resolution bucket."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stem: str
+    control_path: Path
+    target_path: Path
+    control_etag: str
+    target_etag: str
+    caption: str
+    bucket: tuple[int, int]  # (width, height) in pixels
+
+    @property
+    def identity(self) -> str:
+        """What the cached encoding of this pair depends on (besides the model and resolution)."""
+        return f"{self.stem}|{self.control_etag}|{self.target_etag}|{self.caption}|{self.bucket}"
+
+
+def prepare_dataset(
+    storage: Storage, spec: DatasetSpec, cache_dir: Path, show_progress: bool = True
+) -> tuple[list[TrainingPair], list[str]]:
+    """Validated pairs sorted by name, and warnings (small images, aspect mismatches) worth telling the user.
+
+    Raises DatasetError listing every offending file when the dataset cannot be trained on.
+    """
+    storage.check()
+    objects = storage.list(spec.control_dir.strip("/") + "/") + storage.list(spec.target_dir.strip("/") + "/")
+    files, problems = index_pairs(objects, spec, storage.uri)
+    if problems:
+        raise DatasetError(storage.uri(), problems)
+
+    keys = [o.key for f in files for o in (f.control, f.target, f.caption) if o is not None]
+    with tqdm(total=len(keys), desc="dataset", unit="file", disable=not show_progress, leave=False) as bar:
+        paths = storage.fetch(keys, cache_dir, on_file=lambda _key: bar.update())
+
+    pairs: list[TrainingPair] = []
+    warnings: list[str] = []
+    for entry in files:
+        sizes = {}
+        for role, obj in (("control", entry.control), ("target", entry.target)):
+            try:
+                image = open_image(paths[obj.key])
+            except ImageDecodeError as error:
+                problems.append(f"{storage.uri(obj.key)}: {error}")
+                continue
+            sizes[role] = image.size
+        caption = _read_caption(storage, entry.caption.key if entry.caption else None, paths, spec, problems)
+        if len(sizes) < 2 or caption is None:
+            continue
+        bucket = bucket_for(*sizes["target"], spec.resolution)
+        for role, (width, height) in sizes.items():
+            if width < bucket[0] or height < bucket[1]:
+                warnings.append(
+                    f"{storage.uri(getattr(entry, role).key)}: {width}x{height} is smaller than the "
+                    f"{bucket[0]}x{bucket[1]} training size; it is upscaled (sharp images of at least "
+                    f"{spec.resolution} px train better)"
+                )
+        control_aspect, target_aspect = (w / h for w, h in (sizes["control"], sizes["target"]))
+        if abs(control_aspect / target_aspect - 1) > 0.02:
+            warnings.append(
+                f"{storage.uri(entry.control.key)}: aspect ratio {control_aspect:.2f} differs from its target's "
+                f"({target_aspect:.2f}); it is centre-cropped to the target's shape"
+            )
+        pairs.append(
+            TrainingPair(
+                stem=entry.stem,
+                control_path=paths[entry.control.key],
+                target_path=paths[entry.target.key],
+                control_etag=entry.control.etag,
+                target_etag=entry.target.etag,
+                caption=caption,
+                bucket=bucket,
+            )
+        )
+    if problems:
+        raise DatasetError(storage.uri(), problems)
+    for warning in warnings:
+        log.warning("%s", warning)
+    return pairs, warnings
+
+
+def _read_caption(
+    storage: Storage, key: str | None, paths: dict[str, Path], spec: DatasetSpec, problems: list[str]
+) -> str | None:
+    instruction = None
+    if key is not None:
+        try:
+            instruction = clean_caption(paths[key].read_text(encoding="utf-8-sig"))
+        except UnicodeDecodeError:
+            problems.append(f"{storage.uri(key)}: caption is not UTF-8 text")
+            return None
+        if not instruction and spec.default_caption is None:
+            problems.append(f"{storage.uri(key)}: caption file is empty and there is no spec.dataset.defaultCaption")
+            return None
+    return compose_caption(instruction or spec.default_caption or "", spec.trigger_word)

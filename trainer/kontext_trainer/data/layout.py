@@ -1,0 +1,113 @@
+"""Pairing control and target images by file name, from a listing alone (before anything is downloaded).
+
+Every problem is collected — unpaired images, duplicate names, files that are not images, empty files,
+missing captions without a default — and reported together, each line naming the file and what was expected,
+so a user fixes the dataset in one go instead of one error per run.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import PurePosixPath
+
+from pydantic import BaseModel, ConfigDict
+
+from kontext_lora.api.spec import DatasetSpec
+
+from ..storage import StoredObject
+from .images import IMAGE_EXTENSIONS
+
+
+class PairFiles(BaseModel):
+    """The keys (relative to the dataset root) of one control/target pair and its caption, if any."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stem: str
+    control: StoredObject
+    target: StoredObject
+    caption: StoredObject | None
+
+
+def _folder_entries(
+    objects: Sequence[StoredObject], folder: str, spec: DatasetSpec, describe: Callable[[str], str], problems: list[str]
+) -> tuple[dict[str, StoredObject], dict[str, StoredObject]]:
+    """Images and captions directly in `folder`, by stem; anything else is a problem."""
+    images: dict[str, list[StoredObject]] = defaultdict(list)
+    captions: dict[str, StoredObject] = {}
+    prefix = folder.strip("/") + "/"
+    caption_ext = spec.caption_extension.lower()
+    allowed = ", ".join(IMAGE_EXTENSIONS)
+    for obj in objects:
+        if not obj.key.startswith(prefix):
+            continue
+        relative = PurePosixPath(obj.key[len(prefix) :])
+        if any(part.startswith(".") for part in relative.parts):
+            continue  # hidden files (.DS_Store, editor swap files) are not part of the dataset
+        if len(relative.parts) > 1:
+            problems.append(f"{describe(obj.key)}: sub-folders are not read; move the file up into {folder}/")
+            continue
+        suffix = relative.suffix.lower()
+        if suffix == caption_ext:
+            captions[relative.stem] = obj
+        elif suffix in IMAGE_EXTENSIONS:
+            if obj.size == 0:
+                problems.append(f"{describe(obj.key)}: the file is empty (0 bytes)")
+                continue
+            images[relative.stem].append(obj)
+        else:
+            problems.append(
+                f"{describe(obj.key)}: unexpected file type {suffix or '(no extension)'}; expected an image "
+                f"({allowed}) or a caption ({spec.caption_extension})"
+            )
+    unique: dict[str, StoredObject] = {}
+    for stem, found in images.items():
+        if len(found) > 1:
+            names = ", ".join(describe(o.key) for o in found)
+            problems.append(f"{names}: several images share the name {stem!r}; keep one per pair")
+        else:
+            unique[stem] = found[0]
+    return unique, captions
+
+
+def index_pairs(
+    objects: Sequence[StoredObject], spec: DatasetSpec, describe: Callable[[str], str]
+) -> tuple[list[PairFiles], list[str]]:
+    """Pairs found in the listing, and the problems that make the dataset unusable (empty when it is fine)."""
+    problems: list[str] = []
+    controls, control_captions = _folder_entries(objects, spec.control_dir, spec, describe, problems)
+    targets, captions = _folder_entries(objects, spec.target_dir, spec, describe, problems)
+    if not controls and not targets:
+        problems.insert(
+            0,
+            f"no images found in {describe(spec.control_dir + '/')} or {describe(spec.target_dir + '/')} "
+            f"(expected pairs of {', '.join(IMAGE_EXTENSIONS)} files with the same name in both folders)",
+        )
+        return [], problems
+    for stem, control in sorted(controls.items()):
+        if stem not in targets:
+            problems.append(
+                f"{describe(control.key)}: control image has no target; expected {spec.target_dir}/{stem}.<ext> "
+                "with the same name"
+            )
+    for stem, target in sorted(targets.items()):
+        if stem not in controls:
+            problems.append(
+                f"{describe(target.key)}: target image has no control; expected {spec.control_dir}/{stem}.<ext> "
+                "with the same name"
+            )
+    for stem, caption in sorted(captions.items()):
+        if stem not in targets:
+            problems.append(f"{describe(caption.key)}: caption has no target image with the same name")
+    pairs = []
+    for stem in sorted(controls.keys() & targets.keys()):
+        caption = captions.get(stem)
+        if caption is None and spec.default_caption is None:
+            expected = f"{spec.target_dir}/{stem}{spec.caption_extension}"
+            problems.append(
+                f"{describe(targets[stem].key)}: no caption file ({expected}) and no spec.dataset.defaultCaption"
+            )
+        pairs.append(PairFiles(stem=stem, control=controls[stem], target=targets[stem], caption=caption))
+    del control_captions  # captions beside control images are allowed and ignored (ai-toolkit does the same)
+    return pairs, problems

@@ -1,0 +1,131 @@
+"""`kontext-lora demo`: the README's first command — a real LoRA training run on CPU, no cluster, no downloads.
+
+It trains `examples/local-demo.yaml` on the example pairs (generated on first use) with the tiny FLUX.1-Kontext
+model (built once and cached), shows the progress bar, writes and rotates checkpoints with held-out loss and
+preview grids, and prints where the LoRA is. Each demo run starts fresh (its previous output is removed).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from kontext_lora.api import KontextLoRAJob, load_job_file
+
+from .data.synthetic import write_example_pairs
+from .errors import ExitCode
+from .logs import setup_logging
+from .main import configure_torch, execute
+from .model.tiny import save_tiny_model
+from .settings import TrainerSettings
+from .storage import Location
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_JOB = REPO / "examples" / "local-demo.yaml"
+TINY_MODEL = "tiny-flux-kontext-v1"  # bump when the tiny model's architecture changes
+EXAMPLE_PAIRS = 12
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KONTEXT_LORA_CACHE", Path.home() / ".cache" / "kontext-lora"))
+
+
+def _build_once(destination: Path, build) -> Path:
+    """Build into a temporary sibling folder and rename it into place: concurrent builders never see halves."""
+    if destination.is_dir():
+        return destination
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
+    try:
+        build(scratch)
+        try:
+            scratch.rename(destination)
+        except OSError:
+            if not destination.is_dir():  # lost a race to another builder: theirs is as good as ours
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return destination
+
+
+def ensure_tiny_model() -> Path:
+    return _build_once(cache_dir() / "models" / TINY_MODEL, lambda path: save_tiny_model(path, seed=0))
+
+
+def ensure_example_pairs(job: KontextLoRAJob, root: Path) -> Path:
+    spec = job.spec.dataset
+    return _build_once(
+        root,
+        lambda path: write_example_pairs(
+            path, count=EXAMPLE_PAIRS, control_dir=spec.control_dir, target_dir=spec.target_dir
+        ),
+    )
+
+
+def run_demo(work_dir: Path, job_file: Path = DEMO_JOB) -> int:
+    console = Console(highlight=False)  # the summary goes to stdout; logs and progress bars to stderr
+    if not job_file.is_file():
+        console.print(f"[red]error:[/] {job_file} not found: run the demo from a clone of the repository")
+        return ExitCode.INVALID_INPUT
+    work_dir = work_dir.resolve()
+    settings = TrainerSettings.resolve(
+        work_dir=work_dir,
+        metrics_port=None,
+        base_dir=job_file.resolve().parent,
+        default_work_dir=work_dir,
+        in_cluster=False,
+    )
+    setup_logging(json_lines=settings.json_logs)
+    configure_torch()
+    job = load_job_file(job_file)
+    pairs = ensure_example_pairs(job, Path(Location.parse(job.spec.dataset.uri, settings.base_dir).prefix))
+    model = ensure_tiny_model()
+    output = Path(Location.parse(job.spec.output.uri, settings.base_dir).prefix)
+    # A fresh run every time: previous demo checkpoints would otherwise be resumed from.
+    shutil.rmtree(output, ignore_errors=True)
+    shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)
+    job.spec.model.base = str(model)
+    job.spec.dataset.uri = pairs.as_uri()
+    job.spec.output.uri = output.as_uri() + "/"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    (work_dir / "job.yaml").write_text(yaml.safe_dump(job.to_wire(), sort_keys=False))
+    console.print(
+        f"[bold]kontext-lora demo[/]: {job.spec.training.steps} steps of LoRA training on the example pairs in "
+        f"{pairs}\nwith the tiny FLUX.1-Kontext model in {model} (CPU, {job.spec.model.dtype.value})\n"
+    )
+
+    code, result = execute(job, settings)
+    if result is None:
+        console.print(f"[red]demo failed[/] (exit code {int(code)}); see the log above")
+        return code
+
+    table = Table(title=f"checkpoints kept in {output}/ (newest last)", title_justify="left")
+    table.add_column("step", justify="right")
+    table.add_column("held-out loss", justify="right")
+    table.add_column("folder (LoRA, training state, validation.json, preview.png)")
+    for record in result.checkpoints:
+        best = " (best)" if record.uri == result.best_checkpoint else ""
+        loss = "n/a" if record.validation_loss is None else f"{record.validation_loss:.4f}{best}"
+        folder = Path(_path(record.uri)).parent.relative_to(output)
+        table.add_row(str(record.step), loss, f"{folder}/")
+    console.print(table)
+    mean_step = sum(result.step_seconds) / len(result.step_seconds) if result.step_seconds else float("nan")
+    before = "n/a" if result.validation_before is None else f"{result.validation_before:.4f}"
+    after = "n/a" if result.validation_after is None else f"{result.validation_after:.4f}"
+    console.print(
+        f"held-out loss: {before} before training -> {after} after {result.total_steps} steps\n"
+        f"time: {result.seconds:.0f} s in all, {mean_step * 1000:.0f} ms per training step\n"
+        f"the job as run: {work_dir / 'job.yaml'} (kontext-lora train {work_dir / 'job.yaml'} resumes it)\n"
+    )
+    console.print(f"[bold green]LoRA:[/] {_path(result.lora_uri)}")
+    return ExitCode.OK
+
+
+def _path(uri: str | None) -> str:
+    return uri.removeprefix("file://") if uri else ""

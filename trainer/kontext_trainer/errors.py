@@ -1,0 +1,49 @@
+"""The trainer's failure classes and the exit codes of docs/architecture.md they map to."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    CRASH = 1  # anything unexpected: the operator retries up to backoffLimit
+    INVALID_INPUT = 2  # dataset, spec or model unusable: retrying cannot help
+    STORAGE_UNREACHABLE = 3  # object storage failed after the trainer's own bounded retries
+    INTERRUPTED = 130
+
+
+class TrainerError(Exception):
+    """A failure with a message written for the user (which file, which field, what was expected)."""
+
+    exit_code: ExitCode = ExitCode.CRASH
+
+
+class InvalidInputError(TrainerError):
+    exit_code = ExitCode.INVALID_INPUT
+
+
+class DatasetError(InvalidInputError):
+    """The dataset cannot be trained on; `problems` names every offending file, one per line."""
+
+    def __init__(self, location: str, problems: list[str], limit: int = 50):
+        self.location = location
+        self.problems = problems
+        shown = problems[:limit]
+        more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+        noun = "problem" if len(problems) == 1 else "problems"
+        super().__init__(f"dataset {location} has {len(problems)} {noun}:\n  " + "\n  ".join(shown) + more)
+
+
+class ModelLoadError(InvalidInputError):
+    pass
+
+
+class CheckpointMismatchError(InvalidInputError):
+    """The output URI holds checkpoints of a differently shaped LoRA: resuming from them cannot work."""
+
+
+class StorageError(TrainerError):
+    """Object storage refused or could not be reached after bounded retries."""
+
+    exit_code = ExitCode.STORAGE_UNREACHABLE

@@ -1,0 +1,113 @@
+"""`kontext-lora train`: read the job, run it, turn the outcome into the exit codes of docs/architecture.md.
+
+0 LoRA uploaded; 2 invalid input (dataset, spec, model, incompatible checkpoints: no retry helps);
+3 storage unreachable after bounded retries; 1 anything else (the operator retries, resuming from the newest
+checkpoint). Before a non-zero exit the reason goes to the termination-message file, credentials redacted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from kontext_lora.api import InvalidJobError, KontextLoRAJob, load_job_file, parse_job
+
+from .errors import ExitCode, InvalidInputError, TrainerError
+from .logs import redact, setup_logging
+from .settings import TrainerSettings, available_cpus
+
+if TYPE_CHECKING:
+    from .train import RunResult
+
+log = logging.getLogger(__name__)
+
+JOB_ENV = "KONTEXT_LORA_JOB"
+TERMINATION_MESSAGE_LIMIT = 4096  # what the kubelet keeps of the termination message
+
+
+def load_job(job_file: Path | None, from_env: bool) -> KontextLoRAJob:
+    if from_env:
+        raw = os.environ.get(JOB_ENV)
+        if not raw:
+            raise InvalidInputError(f"${JOB_ENV} is empty: the operator passes the KontextLoRAJob as JSON there")
+        try:
+            document = json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise InvalidInputError(f"${JOB_ENV} is not valid JSON: {error}") from None
+        return parse_job(document, source=f"${JOB_ENV}")
+    if job_file is None:
+        raise InvalidInputError("no job: give a KontextLoRAJob YAML file, or --from-env inside the cluster")
+    return load_job_file(job_file)
+
+
+def configure_torch() -> None:
+    """Use the CPUs the pod may use (torch otherwise sizes its pool by the node's cores)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(available_cpus())
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def write_termination_message(path: Path | None, message: str) -> None:
+    if path is None:
+        return
+    try:
+        path.write_text(redact(message)[:TERMINATION_MESSAGE_LIMIT])
+    except OSError as error:
+        log.warning("could not write the termination message to %s: %s", path, error)
+
+
+def run_training(
+    job_file: Path | None = None,
+    from_env: bool = False,
+    work_dir: Path | None = None,
+    metrics_port: int | None = None,
+    settings: TrainerSettings | None = None,
+) -> ExitCode:
+    """Run one job; returns the process exit code (and never raises for expected failures)."""
+    base_dir = job_file.resolve().parent if job_file is not None else None
+    name = job_file.stem if job_file is not None else "job"
+    settings = settings or TrainerSettings.resolve(
+        work_dir=work_dir,
+        metrics_port=metrics_port,
+        base_dir=base_dir,
+        default_work_dir=Path("runs") / name,
+        in_cluster=from_env,
+    )
+    setup_logging(json_lines=settings.json_logs)
+    configure_torch()
+    try:
+        job = load_job(job_file, from_env)
+    except InvalidJobError as error:
+        return _fail(settings, ExitCode.INVALID_INPUT, str(error))
+    except TrainerError as error:
+        return _fail(settings, error.exit_code, str(error))
+    return execute(job, settings)[0]
+
+
+def execute(job: KontextLoRAJob, settings: TrainerSettings) -> tuple[ExitCode, RunResult | None]:
+    """Run a parsed job; (exit code, result when it succeeded). Expected failures are logged, never raised."""
+    from .train import TrainingRun  # imported here so argument errors do not pay for torch's heavy imports
+
+    try:
+        return ExitCode.OK, TrainingRun(job, settings).run()
+    except TrainerError as error:
+        return _fail(settings, error.exit_code, str(error)), None
+    except KeyboardInterrupt:
+        return _fail(settings, ExitCode.INTERRUPTED, "interrupted"), None
+    except Exception as error:
+        log.exception("training failed")
+        return _fail(settings, ExitCode.CRASH, f"trainer crashed: {type(error).__name__}: {error}"), None
+
+
+def _fail(settings: TrainerSettings, code: ExitCode, message: str) -> ExitCode:
+    if code is not ExitCode.CRASH:
+        log.error("%s", message)
+    write_termination_message(settings.termination_log, message)
+    return code

@@ -1,0 +1,512 @@
+"""A training run of one KontextLoRAJob, start to finish.
+
+Downloading: check storage, list + validate + fetch the pairs, resolve the model, find the checkpoint to
+resume from. Training: encode the dataset once (text encoders then leave memory), load the transformer, add
+the LoRA, run the optimiser steps with checkpoints (LoRA + resumable state + held-out loss + preview) every
+`saveEvery` steps and at the end, rotating old ones. Uploading: the final `<name>.safetensors`. Done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from tqdm.auto import tqdm
+
+from kontext_lora.api import KontextLoRAJob, Stage
+from kontext_lora.api.spec import DType
+from kontext_lora.api.status import CheckpointRecord
+
+from . import __version__
+from .batches import BatchSchedule, micro_batch_generator
+from .checkpoints import (
+    PREVIEW_FILE,
+    STATE_FILE,
+    VALIDATION_FILE,
+    CheckpointStore,
+    StoredCheckpoint,
+    lora_file_name,
+)
+from .data.dataset import TrainingPair, prepare_dataset
+from .encoding import DatasetEncoder, EncodedPair, batch_inputs
+from .errors import CheckpointMismatchError, InvalidInputError
+from .logs import fields
+from .metrics import TrainerMetrics
+from .model.load import TORCH_DTYPES, load_scheduler, load_transformer
+from .model.lora import TARGET_PATTERNS, add_lora, export_lora, lora_weights, restore_lora_weights
+from .model.source import resolve_model_dir
+from .progress import KubernetesStatusSink, ProgressTracker, StatusReporter
+from .settings import TrainerSettings
+from .storage import Location, S3Settings, Storage, open_storage
+from .train_step import KontextTrainStep, build_lr_scheduler, build_optimizer, make_accelerator
+from .validation import HeldOutSet
+
+log = logging.getLogger(__name__)
+
+STATE_FORMAT = 1
+
+
+@dataclass
+class RunResult:
+    lora_uri: str
+    total_steps: int
+    start_step: int
+    validation_before: float | None
+    validation_after: float | None
+    checkpoints: list[CheckpointRecord]
+    best_checkpoint: str | None
+    seconds: float
+    step_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def resumed(self) -> bool:
+        return self.start_step > 0
+
+
+def split_held_out(pairs: list[TrainingPair], wanted: int, seed: int) -> tuple[list[TrainingPair], list[TrainingPair]]:
+    """(training pairs, held-out pairs): a seeded choice, never leaving fewer than one pair to train on."""
+    count = max(0, min(wanted, len(pairs) - 1))
+    held = set(random.Random(seed).sample(range(len(pairs)), count))
+    return [p for i, p in enumerate(pairs) if i not in held], [p for i, p in enumerate(pairs) if i in held]
+
+
+class TrainingRun:
+    def __init__(self, job: KontextLoRAJob, settings: TrainerSettings):
+        self.job = job
+        self.spec = job.spec
+        self.settings = settings
+        self.name = self.spec.output.name or job.metadata.name
+        self.work = settings.work_dir
+        self.s3 = S3Settings.from_spec(self.spec.storage)
+        self.metrics = TrainerMetrics(job.metadata.name, job.metadata.namespace or "")
+        sink = KubernetesStatusSink(job.metadata.name, job.metadata.namespace) if settings.report_status else None
+        self.status = StatusReporter(sink, interval=settings.status_interval_seconds)
+        self.records: dict[int, CheckpointRecord] = {}
+
+    # ---- the run -------------------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        started = time.monotonic()
+        self.metrics.serve(self.settings.metrics_port)
+        try:
+            return self._run(started)
+        finally:
+            self.status.close()
+            self.metrics.close()
+
+    def _stage(self, stage: Stage, **extra: Any) -> None:
+        log.info("stage: %s", stage.value, **fields(stage=stage.value))
+        self.status.update(force=True, stage=stage, **extra)
+
+    def _run(self, started: float) -> RunResult:
+        spec, settings = self.spec, self.settings
+        self._stage(Stage.Downloading)
+        dataset_storage = open_storage(Location.parse(spec.dataset.uri, settings.base_dir), self.s3)
+        output = open_storage(Location.parse(spec.output.uri, settings.base_dir), self.s3)
+        output.check()
+        pairs, _ = prepare_dataset(dataset_storage, spec.dataset, self.work / "dataset", settings.show_progress)
+        train_pairs, held_pairs = split_held_out(pairs, spec.dataset.held_out_pairs, spec.training.seed)
+        total_steps = spec.total_steps(len(pairs))
+        self.metrics.dataset_pairs.set(len(pairs))
+        self.metrics.total_steps.set(total_steps)
+        log.info(
+            "dataset: %d pairs (%d training, %d held out) from %s",
+            len(pairs),
+            len(train_pairs),
+            len(held_pairs),
+            dataset_storage.uri(),
+            **fields(pairs=len(pairs), held_out=len(held_pairs), total_steps=total_steps),
+        )
+        self.status.update(dataset_pairs=len(pairs), total_steps=total_steps, step=0)
+
+        store = CheckpointStore(output, self.work / "checkpoints", self.name, spec.checkpoints.keep)
+        found = store.scan()
+        store.discard_incomplete(found)
+        latest = store.latest_complete(found)
+        model_dir = resolve_model_dir(
+            spec.model, self.s3, settings.model_cache, settings.base_dir, settings.show_progress
+        )
+
+        accelerator = make_accelerator(spec.model.dtype, spec.training.gradient_accumulation)
+        weight_dtype = TORCH_DTYPES[spec.model.dtype]
+        # The VAE runs in bf16 or fp32: FLUX's VAE is not trustworthy in fp16.
+        vae_dtype = torch.bfloat16 if spec.model.dtype is DType.bf16 else torch.float32
+        encoder = DatasetEncoder(model_dir, self.work / "cache", accelerator.device, weight_dtype, vae_dtype)
+        previews = settings.preview_steps > 0 and bool(held_pairs)
+        encoded, latent_encoder = encoder.encode(
+            pairs, cache_latents=spec.training.cache_latents, keep_vae=previews, show_progress=settings.show_progress
+        )
+        by_stem = {e.pair.stem: e for e in encoded}
+        train_set = [by_stem[p.stem] for p in train_pairs]
+        held_out = HeldOutSet(
+            [by_stem[p.stem] for p in held_pairs],
+            latent_encoder,
+            spec.training.timestep_sampling,
+            spec.training.timestep_shift,
+            spec.training.seed,
+            settings.validation_timesteps,
+        )
+
+        transformer = load_transformer(model_dir, weight_dtype, accelerator.device)
+        parameters = add_lora(transformer, spec.lora, spec.lora_alpha)
+        if spec.training.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        optimizer = build_optimizer(parameters, spec.training)
+        lr_scheduler = build_lr_scheduler(optimizer, spec.training, total_steps)
+        transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
+        step_fn = KontextTrainStep(
+            transformer,
+            parameters,
+            optimizer,
+            lr_scheduler,
+            accelerator,
+            max_grad_norm=spec.training.max_grad_norm,
+            guidance_scale=spec.training.guidance_scale,
+            timestep_sampling=spec.training.timestep_sampling,
+            timestep_shift=spec.training.timestep_shift,
+        )
+        log.info(
+            "model %s: LoRA rank %d alpha %d on %d tensors (%.2fM parameters), %s on %s",
+            spec.model.base,
+            spec.lora.rank,
+            spec.lora_alpha,
+            len(parameters),
+            sum(p.numel() for p in parameters) / 1e6,
+            spec.model.dtype.value,
+            accelerator.device,
+        )
+
+        start_step, baseline, loss_ema = 0, None, None
+        if latest is not None:
+            start_step, baseline, loss_ema = self._resume(
+                latest, store, accelerator, transformer, optimizer, lr_scheduler
+            )
+            self.records = {r.step: r for r in store.records([c for c in found if c.complete])}
+        else:
+            baseline = held_out.loss(transformer, accelerator, spec.training.guidance_scale)
+            if baseline is not None:
+                log.info("held-out loss before training: %.4f", baseline, **fields(validation_loss=baseline))
+
+        tracker = ProgressTracker(total_steps, start_step)
+        tracker.loss = loss_ema
+        self._stage(Stage.Training, step=start_step, total_steps=total_steps, **self._checkpoint_fields())
+        context = _RunContext(
+            accelerator=accelerator,
+            transformer=transformer,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            held_out=held_out,
+            latent_encoder=latent_encoder,
+            scheduler_config=dict(load_scheduler(model_dir).config) if previews else None,
+            store=store,
+            total_steps=total_steps,
+            baseline=baseline,
+            tracker=tracker,
+        )
+        step_seconds = self._train(context, step_fn, train_set, start_step)
+
+        self._stage(Stage.Uploading)
+        lora_uri = self._upload_final(context, output)
+        records = self._sorted_records()
+        best = self._best()
+        last_validation = records[-1].validation_loss if records else None
+        self._stage(
+            Stage.Done,
+            lora_uri=lora_uri,
+            step=total_steps,
+            progress_percentage=100,
+            eta_seconds=0,
+            **self._checkpoint_fields(),
+        )
+        log.info(
+            "LoRA written to %s (held-out loss %s -> %s)",
+            lora_uri,
+            _fmt(baseline),
+            _fmt(last_validation),
+            **fields(lora_uri=lora_uri, validation_before=baseline, validation_after=last_validation),
+        )
+        return RunResult(
+            lora_uri=lora_uri,
+            total_steps=total_steps,
+            start_step=start_step,
+            validation_before=baseline,
+            validation_after=last_validation,
+            checkpoints=records,
+            best_checkpoint=best,
+            seconds=time.monotonic() - started,
+            step_seconds=step_seconds,
+        )
+
+    # ---- training loop -------------------------------------------------------------------------------------
+    def _train(
+        self, ctx: _RunContext, step_fn: KontextTrainStep, train_set: list[EncodedPair], start_step: int
+    ) -> list[float]:
+        spec, settings = self.spec, self.settings
+        accumulation = spec.training.gradient_accumulation
+        schedule = BatchSchedule([p.pair.bucket for p in train_set], spec.training.batch_size, spec.training.seed)
+        step_seconds: list[float] = []
+        last_log = time.monotonic()
+        with tqdm(
+            total=ctx.total_steps,
+            initial=start_step,
+            desc="training",
+            unit="step",
+            dynamic_ncols=True,
+            disable=not settings.show_progress,
+            mininterval=0.5 if _is_tty() else 30.0,
+        ) as bar:
+            for step in range(start_step + 1, ctx.total_steps + 1):
+                micro = range((step - 1) * accumulation, step * accumulation)
+                batches = [batch_inputs([train_set[i] for i in schedule.batch(m)], ctx.latent_encoder) for m in micro]
+                generators = [micro_batch_generator(spec.training.seed, m) for m in micro]
+                began = time.perf_counter()
+                result = step_fn(batches, generators)
+                elapsed = time.perf_counter() - began
+                if not math.isfinite(result.loss):
+                    raise InvalidInputError(
+                        f"training diverged: the loss is {result.loss} at step {step}; lower "
+                        f"spec.training.learningRate (now {spec.training.learning_rate:g}) or keep maxGradNorm > 0"
+                    )
+                step_seconds.append(elapsed)
+                ctx.tracker.update(step, result.loss, result.learning_rate)
+                self.metrics.step.set(step)
+                self.metrics.loss.set(ctx.tracker.loss)
+                self.metrics.learning_rate.set(result.learning_rate)
+                self.metrics.step_seconds.observe(elapsed)
+                self.metrics.observe_memory()
+                bar.update(1)
+                bar.set_postfix(loss=f"{ctx.tracker.loss:.4f}", lr=f"{result.learning_rate:.2e}", refresh=False)
+                self.status.update(**ctx.tracker.status_fields())
+                if time.monotonic() - last_log >= settings.log_every_seconds or step == ctx.total_steps:
+                    last_log = time.monotonic()
+                    log.info(
+                        "step %d/%d loss %.4f",
+                        step,
+                        ctx.total_steps,
+                        ctx.tracker.loss,
+                        **fields(
+                            step=step,
+                            total_steps=ctx.total_steps,
+                            loss=ctx.tracker.loss,
+                            learning_rate=result.learning_rate,
+                            steps_per_second=ctx.tracker.steps_per_second,
+                            eta_seconds=ctx.tracker.eta_seconds,
+                            step_seconds=elapsed,
+                        ),
+                    )
+                if step % spec.checkpoints.save_every == 0 or step == ctx.total_steps:
+                    self._save_checkpoint(ctx, step)
+        return step_seconds
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------
+    def _fingerprint(self) -> dict[str, Any]:
+        """What a checkpoint must share with this job to be resumable (the LoRA's shape and base)."""
+        return {
+            "base_model": self.spec.model.base,
+            "rank": self.spec.lora.rank,
+            "alpha": self.spec.lora_alpha,
+            "target_modules": TARGET_PATTERNS[self.spec.lora.target_modules],
+        }
+
+    def _lora_metadata(self, step: int, total_steps: int, validation: float | None, baseline: float | None) -> dict:
+        spec = self.spec
+        return {
+            "name": self.name,
+            "base_model": spec.model.base,
+            "rank": spec.lora.rank,
+            "alpha": spec.lora_alpha,
+            "step": step,
+            "total_steps": total_steps,
+            "trigger_word": spec.dataset.trigger_word,
+            "resolution": spec.dataset.resolution,
+            "target_modules": spec.lora.target_modules.value,
+            "validation_loss": validation,
+            "baseline_validation_loss": baseline,
+            "job": f"{self.job.metadata.namespace or 'local'}/{self.job.metadata.name}",
+            "trainer": f"kontext-lora {__version__}",
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+
+    def _save_checkpoint(self, ctx: _RunContext, step: int) -> None:
+        spec, settings = self.spec, self.settings
+        began = time.monotonic()
+        unwrapped = ctx.accelerator.unwrap_model(ctx.transformer)
+        staging = ctx.store.staging_dir(step)
+        validation = ctx.held_out.loss(ctx.transformer, ctx.accelerator, spec.training.guidance_scale)
+        export_lora(
+            unwrapped,
+            staging / lora_file_name(self.name, step),
+            TORCH_DTYPES[spec.model.dtype],
+            self._lora_metadata(step, ctx.total_steps, validation, ctx.baseline),
+        )
+        torch.save(
+            {
+                "format": STATE_FORMAT,
+                "step": step,
+                "total_steps": ctx.total_steps,
+                "fingerprint": self._fingerprint(),
+                "lora": lora_weights(unwrapped),
+                "optimizer": ctx.optimizer.state_dict(),
+                "lr_scheduler": ctx.lr_scheduler.state_dict(),
+                "grad_scaler": ctx.accelerator.scaler.state_dict() if ctx.accelerator.scaler is not None else None,
+                "rng": {
+                    "python": random.getstate(),
+                    "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                },
+                "loss_ema": ctx.tracker.loss,
+                "baseline_validation_loss": ctx.baseline,
+            },
+            staging / STATE_FILE,
+        )
+        preview = None
+        if ctx.scheduler_config is not None:
+            preview = ctx.held_out.preview(
+                unwrapped,
+                ctx.latent_encoder.vae,
+                FlowMatchEulerDiscreteScheduler.from_config(ctx.scheduler_config),
+                ctx.accelerator,
+                settings.preview_steps,
+                title=f"{self.name} step {step}: before | after | LoRA output"
+                + (f" (held-out loss {validation:.4f})" if validation is not None else ""),
+                seed=spec.training.seed,
+            )
+            if preview is not None:
+                preview.save(staging / PREVIEW_FILE)
+        now = datetime.now(UTC)
+        (staging / VALIDATION_FILE).write_text(
+            json.dumps(
+                {
+                    "step": step,
+                    "validationLoss": validation,
+                    "baselineValidationLoss": ctx.baseline,
+                    "heldOutPairs": [p.pair.stem for p in ctx.held_out.pairs],
+                    "timesteps": [round(float(t), 6) for t in ctx.held_out.sigmas],
+                    "time": now.isoformat(timespec="seconds"),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        ctx.store.publish(step, staging)
+        kept, deleted = ctx.store.rotate()
+        storage = ctx.store.storage
+        prefix = f"checkpoints/step-{step:06d}/"
+        self.records[step] = CheckpointRecord(
+            step=step,
+            uri=storage.uri(prefix + lora_file_name(self.name, step)),
+            validation_loss=validation,
+            preview_uri=storage.uri(prefix + PREVIEW_FILE) if preview is not None else None,
+            time=now,
+        )
+        kept_steps = {c.step for c in kept}
+        self.records = {s: r for s, r in self.records.items() if s in kept_steps}
+        self.metrics.checkpoints_saved.inc()
+        if validation is not None:
+            self.metrics.validation_loss.set(validation)
+        self.status.update(force=True, **self._checkpoint_fields())
+        log.info(
+            "checkpoint step %d saved to %s (held-out loss %s, %.1fs)%s",
+            step,
+            storage.uri(prefix),
+            _fmt(validation),
+            time.monotonic() - began,
+            f"; rotated out steps {deleted}" if deleted else "",
+            **fields(step=step, checkpoint=storage.uri(prefix), validation_loss=validation, rotated_out=deleted),
+        )
+
+    def _sorted_records(self) -> list[CheckpointRecord]:
+        return [self.records[s] for s in sorted(self.records)]
+
+    def _best(self) -> str | None:
+        scored = [r for r in self.records.values() if r.validation_loss is not None]
+        return min(scored, key=lambda r: (r.validation_loss, -r.step)).uri if scored else None
+
+    def _checkpoint_fields(self) -> dict[str, Any]:
+        records = self._sorted_records()
+        if not records:
+            return {}
+        return {"checkpoints": records, "last_checkpoint": records[-1].uri, "best_checkpoint": self._best()}
+
+    def _resume(
+        self, latest: StoredCheckpoint, store: CheckpointStore, accelerator, transformer, optimizer, lr_scheduler
+    ) -> tuple[int, float | None, float | None]:
+        files = store.fetch(latest, self.work / "resume" / f"step-{latest.step:06d}")
+        if STATE_FILE not in files:
+            raise CheckpointMismatchError(f"{store.storage.uri(latest.prefix)} has no {STATE_FILE}")
+        state = torch.load(files[STATE_FILE], map_location="cpu", weights_only=True)
+        expected = self._fingerprint()
+        different = {
+            k: (state.get("fingerprint", {}).get(k), v)
+            for k, v in expected.items()
+            if state.get("fingerprint", {}).get(k) != v
+        }
+        if different:
+            details = ", ".join(f"{k}: checkpoint {old!r}, job {new!r}" for k, (old, new) in different.items())
+            raise CheckpointMismatchError(
+                f"{store.storage.uri(latest.prefix)} was trained with a different LoRA ({details}); "
+                "write this job to a new spec.output.uri, or delete the old checkpoints to start over"
+            )
+        restore_lora_weights(accelerator.unwrap_model(transformer), state["lora"])
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if state.get("grad_scaler") and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(state["grad_scaler"])
+        rng = state["rng"]
+        random.setstate(rng["python"])
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        log.info(
+            "resuming from %s (step %d)",
+            store.storage.uri(latest.prefix),
+            latest.step,
+            **fields(resumed_from_step=latest.step, checkpoint=store.storage.uri(latest.prefix)),
+        )
+        return int(state["step"]), state.get("baseline_validation_loss"), state.get("loss_ema")
+
+    def _upload_final(self, ctx: _RunContext, output: Storage) -> str:
+        final_dir = self.work / "final"
+        final_dir.mkdir(parents=True, exist_ok=True)
+        records = self._sorted_records()
+        validation = records[-1].validation_loss if records else None
+        path = export_lora(
+            ctx.accelerator.unwrap_model(ctx.transformer),
+            final_dir / f"{self.name}.safetensors",
+            TORCH_DTYPES[self.spec.model.dtype],
+            self._lora_metadata(ctx.total_steps, ctx.total_steps, validation, ctx.baseline),
+        )
+        output.put_files([(path, path.name)])
+        return output.uri(path.name)
+
+
+@dataclass
+class _RunContext:
+    accelerator: Any
+    transformer: torch.nn.Module
+    optimizer: Any
+    lr_scheduler: Any
+    held_out: HeldOutSet
+    latent_encoder: Any
+    scheduler_config: dict | None
+    store: CheckpointStore
+    total_steps: int
+    baseline: float | None
+    tracker: ProgressTracker
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _is_tty() -> bool:
+    import sys
+
+    return sys.stderr.isatty()

@@ -1,0 +1,126 @@
+"""One optimiser step of Kontext LoRA training, usable on its own (benchmarks build it around any transformer).
+
+`KontextTrainStep` owns nothing but references: the transformer (with its LoRA), the optimiser and LR
+schedule, and the `accelerate.Accelerator` that provides mixed precision (bf16/fp16/fp32), gradient
+accumulation and gradient clipping. Noise and timesteps come from the generator given per micro-batch, so a
+step is a pure function of (weights, optimiser state, inputs, generator state) — which is what makes resume
+exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from diffusers.optimization import get_scheduler
+
+from kontext_lora.api.spec import DType, Optimizer, TimestepSampling, TrainingSpec
+
+from . import flux_math
+
+MIXED_PRECISION = {DType.bf16: "bf16", DType.fp16: "fp16", DType.fp32: "no"}
+
+
+def make_accelerator(dtype: DType, gradient_accumulation: int, cpu: bool = False) -> Accelerator:
+    """An Accelerator for this run. Its state is a process-wide singleton, so a second run in the same process
+    (tests, notebooks) with another precision must reset it first."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(
+        mixed_precision=MIXED_PRECISION[dtype], gradient_accumulation_steps=gradient_accumulation, cpu=cpu
+    )
+
+
+def build_optimizer(parameters: Sequence[torch.nn.Parameter], spec: TrainingSpec) -> torch.optim.Optimizer:
+    if spec.optimizer is Optimizer.adafactor:
+        from transformers.optimization import Adafactor
+
+        return Adafactor(
+            parameters,
+            lr=spec.learning_rate,
+            weight_decay=spec.weight_decay,
+            scale_parameter=False,
+            relative_step=False,
+            warmup_init=False,
+        )
+    return torch.optim.AdamW(parameters, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, spec: TrainingSpec, total_steps: int):
+    return get_scheduler(
+        spec.lr_scheduler.value,
+        optimizer=optimizer,
+        num_warmup_steps=spec.warmup_steps,
+        num_training_steps=total_steps,
+    )
+
+
+@dataclass
+class StepResult:
+    loss: float
+    learning_rate: float
+    grad_norm: float | None
+
+
+class KontextTrainStep:
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        parameters: Sequence[torch.nn.Parameter],
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler,
+        accelerator: Accelerator,
+        max_grad_norm: float = 1.0,
+        guidance_scale: float = 1.0,
+        timestep_sampling: TimestepSampling = TimestepSampling.shift,
+        timestep_shift: float = 3.0,
+    ):
+        self.transformer = transformer
+        self.parameters = list(parameters)
+        self.optimizer = optimizer
+        self.lr_scheduler = lr_scheduler
+        self.accelerator = accelerator
+        self.max_grad_norm = max_grad_norm
+        self.guidance_scale = guidance_scale
+        self.timestep_sampling = timestep_sampling
+        self.timestep_shift = timestep_shift
+
+    def micro_batch_loss(self, inputs: flux_math.KontextInputs, generator: torch.Generator) -> torch.Tensor:
+        """Flow-matching loss of one micro-batch; noise and t are drawn from `generator` (on the CPU)."""
+        device = self.accelerator.device
+        noise = torch.randn(inputs.target.shape, generator=generator, dtype=torch.float32)
+        sigmas = flux_math.sample_sigmas(
+            inputs.batch_size, self.timestep_sampling, self.timestep_shift, generator=generator, device=device
+        )
+        inputs = inputs.to(device)
+        with self.accelerator.autocast():
+            return flux_math.flow_matching_loss(self.transformer, inputs, noise.to(device), sigmas, self.guidance_scale)
+
+    def __call__(
+        self, micro_batches: Sequence[flux_math.KontextInputs], generators: Sequence[torch.Generator]
+    ) -> StepResult:
+        """One optimiser step over `gradient_accumulation` micro-batches (one generator each)."""
+        if len(micro_batches) != self.accelerator.gradient_accumulation_steps:
+            raise ValueError(
+                f"expected {self.accelerator.gradient_accumulation_steps} micro-batches, got {len(micro_batches)}"
+            )
+        self.transformer.train()
+        losses = []
+        grad_norm = None
+        for inputs, generator in zip(micro_batches, generators, strict=True):
+            with self.accelerator.accumulate(self.transformer):
+                loss = self.micro_batch_loss(inputs, generator)
+                self.accelerator.backward(loss)
+                if self.accelerator.sync_gradients and self.max_grad_norm > 0:
+                    grad_norm = float(self.accelerator.clip_grad_norm_(self.parameters, self.max_grad_norm))
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach().float())
+        return StepResult(
+            loss=float(torch.stack(losses).mean()),
+            learning_rate=float(self.lr_scheduler.get_last_lr()[0]),
+            grad_norm=grad_norm,
+        )

@@ -68,6 +68,21 @@ class Kljs:
             "delete", "klj", name, "-n", self.namespace, f"--wait={str(wait).lower()}", f"--timeout={timeout}"
         )
 
+    def create_s3_secret(
+        self, access_key: str = "test-access", secret_key: str = "test-secret", name: str = "s3-credentials"
+    ):
+        """The storage Secret a job names in spec.storage.credentialsSecret (pods read it; the operator never)."""
+        return self.plane.kubectl(
+            "create",
+            "secret",
+            "generic",
+            name,
+            "-n",
+            self.namespace,
+            f"--from-literal=AWS_ACCESS_KEY_ID={access_key}",
+            f"--from-literal=AWS_SECRET_ACCESS_KEY={secret_key}",
+        )
+
     # ---- reads (API) ----
 
     def get(self, name: str) -> dict[str, Any] | None:

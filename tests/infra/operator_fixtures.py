@@ -5,6 +5,7 @@ Imported by the conftest.py of tests/cluster and tests/e2e.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from tests.conftest import Cluster
 
 from .klj import Kljs
+from .node_agent import NodeAgent
 from .operator_process import OperatorIdentity, OperatorProcess, install_deploy_manifests
 
 
@@ -70,3 +72,24 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report
+
+
+KWOK_L40S_NODES = ("gpu-l40s-0", "gpu-l40s-1")
+
+
+@pytest.fixture
+def agent_node(crd: Cluster, tmp_path: Path) -> Iterator[NodeAgent]:
+    """A node-agent GPU node (L40S labels) that is the only schedulable L40S node while the test runs.
+
+    The two KWOK L40S nodes match the L40S class as well; they are cordoned (as an admin drains nodes) so the
+    real scheduler must pick the agent's node, while the RTX 4090 and 24 GB KWOK nodes stay as decoys that the
+    class's affinity has to rule out. They are uncordoned afterwards.
+    """
+    agent = NodeAgent(crd.plane, tmp_path / "node-agent", name=f"agent-l40s-{uuid.uuid4().hex[:6]}")
+    agent.start()
+    crd.kubectl("cordon", *KWOK_L40S_NODES)
+    try:
+        yield agent
+    finally:
+        crd.kubectl("uncordon", *KWOK_L40S_NODES, check=False)
+        agent.stop()

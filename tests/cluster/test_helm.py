@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,11 +27,13 @@ from kontext_lora.api.operator_config import OperatorConfig
 from kontext_lora.chart import CLUSTER_SCOPED_RESOURCES
 from tests.conftest import Cluster
 from tests.infra.helm import CHART, Helm, HelmError, find, monitoring_crds
+from tests.infra.processes import ServerProcess, free_port
 
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_JOB = REPO / "examples" / "object-remover.yaml"
+KONTEXT_LORA = REPO / ".venv" / "bin" / "kontext-lora"
 CRD_NAME = f"{PLURAL}.{GROUP}"
 DASHBOARD = CHART / "dashboards" / "kontext-lora-training.json"
 
@@ -395,6 +398,11 @@ def test_the_charts_admission_policy_freezes_the_spec_of_a_started_job(
 # --- permissions of the operator's ServiceAccount ---------------------------------------------------------------
 
 
+def _http_status(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=2) as response:
+        return response.status
+
+
 def _can_i(cluster: Cluster, subject: str, *args: str) -> bool:
     result = cluster.kubectl("auth", "can-i", *args, f"--as={subject}", check=False)
     return result.stdout.strip() == "yes"
@@ -482,6 +490,59 @@ def test_operator_service_account_can_do_nothing_beyond_its_rules(
         assert "*" not in verbs and "*" not in resource, f"wildcard: {resource} {verbs}"
         assert resource in expected, f"{subject} may {sorted(verbs)} {resource}, which no operator rule grants"
         assert verbs <= expected[resource] or resource in BASELINE, (resource, verbs, expected[resource])
+
+
+def test_the_operator_runs_as_the_chart_configures_it_with_only_the_charts_permissions(
+    cluster: Cluster, release: dict[str, str], namespaces: list[str], tmp_path: Path
+) -> None:
+    """KWOK runs no containers, so run the Deployment's command here: its args, its ConfigMap, a token of its
+    ServiceAccount. A job applied then gets its trainer Job, per-job RBAC and status from that operator."""
+    ns, team = release["namespace"], namespaces[2]
+    deployment = json.loads(cluster.kubectl("get", "deployment", "kl-kontext-lora", "-n", ns, "-o", "json").stdout)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    config_map = json.loads(
+        cluster.kubectl("get", "configmap", "kl-kontext-lora-config", "-n", ns, "-o", "json").stdout
+    )
+    config = yaml.safe_load(config_map["data"]["config.yaml"])
+    config |= {"metricsPort": free_port(), "healthPort": free_port()}  # this machine's ports, not the pod's
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    args = [f"--config={config_path}" if a.startswith("--config=") else a for a in container["args"]]
+    token = cluster.kubectl("create", "token", release["serviceaccount"], "-n", ns, "--duration=1h").stdout.strip()
+    kubeconfig = cluster.plane.write_kubeconfig("chart-operator", token=token)
+    env = {"KUBECONFIG": str(kubeconfig), "POD_NAME": "kl-kontext-lora-local", "PYTHONUNBUFFERED": "1"}
+    operator = ServerProcess("chart-operator", [KONTEXT_LORA, *args], tmp_path / "logs", env=env).start()
+    try:
+        operator.wait_ready(lambda: _http_status(f"http://127.0.0.1:{config['healthPort']}/healthz") == 200, 60)
+        manifest = yaml.safe_load(EXAMPLE_JOB.read_text())
+        cluster.kubectl("apply", "-n", team, "-f", "-", input=yaml.safe_dump(manifest))
+        name = manifest["metadata"]["name"]
+        deadline = time.monotonic() + 60
+        while True:
+            jobs = json.loads(
+                cluster.kubectl(
+                    "get", "jobs.batch", "-n", team, "-l", f"kontext-lora.io/job={name}", "-o", "json"
+                ).stdout
+            )["items"]
+            phase = json.loads(cluster.kubectl("get", "klj", name, "-n", team, "-o", "json").stdout).get("status", {})
+            if jobs and phase.get("phase"):
+                break
+            assert time.monotonic() < deadline, (
+                f"no trainer Job/phase from the chart's operator:\n{operator.log_tail()}"
+            )
+            time.sleep(0.5)
+        pod = jobs[0]["spec"]["template"]
+        assert pod["spec"]["containers"][0]["image"] == "ghcr.io/kontext-lora/trainer:0.1.0", (
+            "trainer image from values"
+        )
+        env_vars = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+        assert env_vars.get("AWS_ENDPOINT_URL_S3") == "http://minio.storage.svc:9000", "default endpoint from values"
+        account = pod["spec"]["serviceAccountName"]
+        assert cluster.kubectl("get", "serviceaccount", account, "-n", team, check=False).returncode == 0
+        assert cluster.kubectl("get", "rolebinding", "-n", team, "-o", "name").stdout.strip(), "no per-job binding"
+        assert "Forbidden" not in operator.log_path.read_text(), operator.log_tail()
+    finally:
+        operator.stop()
 
 
 def test_watched_namespaces_release_grants_namespaced_verbs_only_there(

@@ -574,10 +574,11 @@ def test_watched_namespaces_release_grants_namespaced_verbs_only_there(
 def test_helm_uninstall_keeps_the_crd_and_the_jobs(
     cluster: Cluster, helm: Helm, release: dict[str, str], namespaces: list[str]
 ) -> None:
+    cluster.kubectl("apply", "-n", namespaces[1], "-f", str(EXAMPLE_JOB))
     helm.run("uninstall", "kl", "--namespace", release["namespace"], "--wait")
     assert cluster.kubectl("get", "crd", CRD_NAME, check=False).returncode == 0, "uninstall deleted the CRD"
     name = yaml.safe_load(EXAMPLE_JOB.read_text())["metadata"]["name"]
-    assert cluster.kubectl("get", "klj", name, "-n", namespaces[1], check=False).returncode == 0
+    assert cluster.kubectl("get", "klj", name, "-n", namespaces[1], check=False).returncode == 0, "jobs were lost"
     assert cluster.kubectl("get", "clusterrole", "kl-kontext-lora", check=False).returncode != 0
     with pytest.raises(HelmError):
         helm.run("status", "kl", "--namespace", release["namespace"])

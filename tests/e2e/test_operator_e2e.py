@@ -1,0 +1,155 @@
+"""End to end: `kubectl apply -f` of an examples/ job on the real control plane -> the real scheduler places the
+trainer pod on a matching GPU node -> the node agent runs the real trainer (`kontext-lora train --from-env`, tiny
+model, pairs in MinIO) -> Succeeded, with the LoRA and the rotated checkpoints in MinIO and progress in status.
+
+The operator runs under its least-privilege ServiceAccount; the trainer reports progress with its pod's own
+token through the per-job Role. Half way the operator is killed with SIGKILL and restarted.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors import safe_open
+
+from tests.conftest import Cluster
+from tests.infra.klj import Kljs
+from tests.infra.minio import MinioServer
+from tests.infra.node_agent import NodeAgent
+from tests.infra.operator_process import OperatorProcess, wait_for
+from tests.infra.processes import free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.s3, pytest.mark.slow]
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "examples" / "jewellery-refining.yaml"
+PAIRS = REPO / "examples" / "pairs"
+STEPS, SAVE_EVERY, KEEP = 30, 10, 2
+
+
+def upload_pairs(minio: MinioServer, bucket: str, prefix: str, control_dir: str, target_dir: str) -> int:
+    s3 = minio.client()
+    for source, folder in ((PAIRS / "control", control_dir), (PAIRS / "target", target_dir)):
+        for path in sorted(source.iterdir()):
+            s3.upload_file(str(path), bucket, f"{prefix}{folder}/{path.name}")
+    return len(list((PAIRS / "control").iterdir()))
+
+
+def example_for_this_cluster(tmp_path: Path, minio: MinioServer, bucket: str, tiny_model: Path) -> tuple[Path, dict]:
+    """The jewellery example, pointed at this cluster's storage and the tiny model, and shortened for a CPU."""
+    job = yaml.safe_load(EXAMPLE.read_text())
+    spec = job["spec"]
+    spec["model"] = {"base": str(tiny_model), "dtype": "fp32"}
+    spec["dataset"]["uri"] = f"s3://{bucket}/data/jewellery/"
+    spec["dataset"]["resolution"] = 512
+    spec["training"].update(steps=STEPS, learningRate=1.0e-3, gradientCheckpointing=False)
+    spec["checkpoints"] = {"saveEvery": SAVE_EVERY, "keep": KEEP}
+    spec["output"] = {"uri": f"s3://{bucket}/loras/jewellery/"}
+    spec["storage"]["endpoint"] = minio.endpoint  # credentialsSecret stays: s3-credentials
+    path = tmp_path / EXAMPLE.name
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path, job
+
+
+class Observer(threading.Thread):
+    """Samples the job's status twice a second, as a user watching `kubectl get klj -w` would see it."""
+
+    def __init__(self, kljs: Kljs, name: str):
+        super().__init__(daemon=True)
+        self.kljs, self.name = kljs, name
+        self.seen: list[dict] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.5):
+            status = self.kljs.status(self.name)
+            sample = {key: status.get(key) for key in ("phase", "step", "totalSteps", "loss", "etaSeconds")}
+            if not self.seen or self.seen[-1] != sample:
+                self.seen.append(sample)
+
+
+def test_kubectl_apply_to_lora_in_s3(
+    crd: Cluster,
+    kljs: Kljs,
+    operator: OperatorProcess,
+    agent_node: NodeAgent,
+    minio: MinioServer,
+    bucket: str,
+    tiny_model: Path,
+    tmp_path: Path,
+) -> None:
+    agent_node.env_overrides.update(
+        KONTEXT_LORA_METRICS_PORT=str(free_port()),  # a pod's own network namespace; here a shared host
+        KONTEXT_LORA_PREVIEW_STEPS="2",
+        KONTEXT_LORA_PROGRESS="0",
+    )
+    path, job = example_for_this_cluster(tmp_path, minio, bucket, tiny_model)
+    name = job["metadata"]["name"]
+    dataset = job["spec"]["dataset"]
+    pairs = upload_pairs(minio, bucket, "data/jewellery/", dataset["controlDir"], dataset["targetDir"])
+    kljs.create_s3_secret(minio.access_key, minio.secret_key)
+
+    observer = Observer(kljs, name)
+    began = time.monotonic()
+    crd.kubectl("apply", "-n", kljs.namespace, "-f", str(path))
+    wait_for(lambda: kljs.jobs(name), interval=0.05, what="the batch Job")
+    job_created = time.monotonic() - began
+    observer.start()
+
+    # The real scheduler picks the agent's node: the only schedulable L40S 48 GB node.
+    pod = wait_for(lambda: [p for p in kljs.pods(name) if p["spec"].get("nodeName")], what="a scheduled pod")[0]
+    assert pod["spec"]["nodeName"] == agent_node.name
+    env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
+    assert "value" not in env["AWS_SECRET_ACCESS_KEY"], "credentials reach the pod only by Secret reference"
+
+    # Half way, the operator dies without warning and comes back: the run goes on, no second Job.
+    kljs.wait_status(name, lambda s: s.get("phase") == "Training" and (s.get("step") or 0) > 0, 300, "training")
+    operator.kill()
+    operator.start()
+
+    status = kljs.wait_phase(name, "Succeeded", timeout=420)
+    wall = time.monotonic() - began
+    observer.stop.set()
+    observer.join()
+    print(f"\napply -> Job created {job_created:.2f}s; apply -> Succeeded {wall:.0f}s; status seen: {observer.seen}")
+
+    # Progress was visible on the way: Training with a step and a loss, then the final step.
+    training = [s for s in observer.seen if s["phase"] == "Training" and s["step"] and s["loss"] is not None]
+    assert training, observer.seen
+    assert all(s["totalSteps"] == STEPS for s in training)
+    assert status["step"] == STEPS and status["datasetPairs"] == pairs
+    assert len(kljs.jobs()) == 1 and kljs.jobs()[0]["status"]["succeeded"] == 1
+
+    # The LoRA and the rotated checkpoints are in MinIO, and status points at them.
+    s3 = minio.client()
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="loras/jewellery/")["Contents"]}
+    lora_key = f"loras/jewellery/{name}.safetensors"
+    assert status["loraUri"] == f"s3://{bucket}/{lora_key}" and lora_key in keys
+    steps_kept = sorted({int(k.split("step-")[1][:6]) for k in keys if "/checkpoints/step-" in k})
+    assert steps_kept == [STEPS - SAVE_EVERY, STEPS], f"keep={KEEP} rotates older checkpoints out: {sorted(keys)}"
+    for step in steps_kept:
+        prefix = f"loras/jewellery/checkpoints/step-{step:06d}/"
+        assert {f"{prefix}COMPLETE", f"{prefix}{name}-step-{step:06d}.safetensors"} <= keys
+    recorded = {c["step"]: c["uri"] for c in status["checkpoints"]}
+    assert sorted(recorded) == steps_kept
+    for uri in recorded.values():
+        assert uri.removeprefix(f"s3://{bucket}/") in keys
+
+    download = tmp_path / "lora.safetensors"
+    s3.download_file(bucket, lora_key, str(download))
+    with safe_open(str(download), framework="pt") as lora:
+        metadata = lora.metadata()
+        assert lora.keys()
+    assert metadata["kontext_lora.rank"] == "64" and metadata["kontext_lora.trigger_word"] == "XM,", metadata
+
+    reasons = [e["reason"] for e in kljs.events(name)]
+    for reason in ("JobCreated", "Training", "Succeeded"):
+        assert reason in reasons, reasons
+
+    # Deleting the job removes its cluster objects, never the LoRAs.
+    kljs.delete(name)
+    after = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="loras/jewellery/")["Contents"]}
+    assert after == keys

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,6 +229,24 @@ def test_operator_image_is_the_core_package_on_python_slim() -> None:
     assert "torch" not in core, "torch must stay out of the core dependencies (the operator image)"
     python = Version(re.search(r"python:(\d+\.\d+)", parsed[0].image)[1] + ".0")
     assert python in SpecifierSet(PYPROJECT["project"]["requires-python"])
+
+
+def test_operator_code_runs_without_the_trainer_extra() -> None:
+    """The operator image has no torch/diffusers: its entrypoint's imports must not need them."""
+    blocker = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in {'torch', 'diffusers', 'transformers', 'peft', 'accelerate'}:\n"
+        "            raise ModuleNotFoundError(f'{name} is not in the operator image')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import kontext_lora.cli, kontext_operator.main, kontext_operator.handlers\n"
+        "from typer.testing import CliRunner\n"
+        "result = CliRunner().invoke(kontext_lora.cli.app, ['operator', '--help'])\n"
+        "assert result.exit_code == 0, result.output\n"
+    )
+    result = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 def test_trainer_image_matches_the_pinned_torch_and_keeps_the_model_cache_on_a_volume() -> None:

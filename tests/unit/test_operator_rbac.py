@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from kontext_operator.rbac import OPERATOR_RULES, cluster_role, trainer_rules
 
 from kontext_lora.api import GROUP, PLURAL
@@ -39,3 +42,12 @@ def test_cluster_role_manifest() -> None:
     role = cluster_role("x", {"app": "y"})
     assert role["kind"] == "ClusterRole" and role["metadata"] == {"name": "x", "labels": {"app": "y"}}
     assert role["rules"] == OPERATOR_RULES
+
+
+def test_the_operator_never_imports_torch() -> None:
+    """The operator image has no torch: importing every operator module must not pull it in."""
+    code = (
+        "import sys; import kontext_operator.main, kontext_operator.handlers, kontext_operator.admission; "
+        "sys.exit(1 if [m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'kontext_trainer')] else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -5,7 +5,12 @@ Entry points: `main.run_training` (`kontext-lora train`), `demo.run_demo` (`kont
 `train_step.KontextTrainStep`, a whole run in `train.TrainingRun`.
 """
 
+import os
 from importlib.metadata import PackageNotFoundError, version
+
+# transformers warns at import time about optional image backends the trainer never uses (torchvision);
+# in a pod's log that reads like a problem. Its warnings stay visible at error level.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 try:
     __version__ = version("kontext-lora")

@@ -2,7 +2,8 @@
 
 It trains `examples/local-demo.yaml` on the example pairs (generated on first use) with the tiny FLUX.1-Kontext
 model (built once and cached), shows the progress bar, writes and rotates checkpoints with held-out loss and
-preview grids, and prints where the LoRA is. Each demo run starts fresh (its previous output is removed).
+preview grids, and prints where the LoRA is. Its output goes to `<work dir>/lora/` (`runs/demo/lora/` by
+default, as the job file says); each demo run starts fresh there.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def run_demo(work_dir: Path, job_file: Path = DEMO_JOB) -> int:
     job = load_job_file(job_file)
     pairs = ensure_example_pairs(job, Path(Location.parse(job.spec.dataset.uri, settings.base_dir).prefix))
     model = ensure_tiny_model()
-    output = Path(Location.parse(job.spec.output.uri, settings.base_dir).prefix)
+    output = work_dir / "lora"
     # A fresh run every time: previous demo checkpoints would otherwise be resumed from.
     shutil.rmtree(output, ignore_errors=True)
     shutil.rmtree(work_dir / "checkpoints", ignore_errors=True)

@@ -1,8 +1,8 @@
 """Structured logs: JSON lines in the pod (one object per line, fields as keys), readable text locally.
 
-Every record passes a redaction filter that replaces the values of credential environment variables, so a
-secret that ends up in an exception message (a URL with a key in it, say) never reaches the log or the
-termination message.
+Both formatters redact the values of credential environment variables from what they produce, so a secret
+that ends up in an exception message (a URL with a key in it, say) never reaches the log; the termination
+message is redacted the same way.
 """
 
 from __future__ import annotations
@@ -31,25 +31,25 @@ def redact(text: str, secrets: list[str] | None = None) -> str:
     return text
 
 
-class RedactingFilter(logging.Filter):
-    def __init__(self) -> None:
-        super().__init__()
+class _Redacting(logging.Formatter):
+    """Formats, then replaces credential values: whatever handler carries the formatter, nothing leaks."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
         self.secrets = secret_values()
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.secrets:
-            record.msg = redact(record.getMessage(), self.secrets)
-            record.args = None
-            if record.exc_info:
-                record.exc_text = redact(logging.Formatter().formatException(record.exc_info), self.secrets)
-                record.exc_info = None
-        return True
+    def format(self, record: logging.LogRecord) -> str:
+        text = self.render(record)
+        return redact(text, self.secrets) if self.secrets else text
+
+    def render(self, record: logging.LogRecord) -> str:
+        return super().format(record)
 
 
-class JsonFormatter(logging.Formatter):
+class JsonFormatter(_Redacting):
     """`{"time": ..., "level": ..., "logger": ..., "message": ..., <fields>}` per line."""
 
-    def format(self, record: logging.LogRecord) -> str:
+    def render(self, record: logging.LogRecord) -> str:
         entry = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
@@ -59,19 +59,17 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
-        elif record.exc_text:
-            entry["exception"] = record.exc_text
         return json.dumps(entry, default=str)
 
 
-class TextFormatter(logging.Formatter):
+class TextFormatter(_Redacting):
     """`12:00:01 INFO message key=value ...` for terminals."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
 
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+    def render(self, record: logging.LogRecord) -> str:
+        text = super().render(record)
         fields = getattr(record, "fields", None)
         if fields:
             text += " " + " ".join(f"{k}={_short(v)}" for k, v in fields.items())
@@ -85,7 +83,6 @@ def _short(value: object) -> str:
 def setup_logging(json_lines: bool, level: int = logging.INFO) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_lines else TextFormatter())
-    handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     for existing in list(root.handlers):
         if getattr(existing, "_kontext", False):

@@ -7,6 +7,7 @@ command line, with the same environment variables as overrides.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -27,7 +28,9 @@ class TrainerSettings(BaseModel):
     report_status: bool = Field(False, description="Patch the job's status subresource.")
     termination_log: Path | None = Field(None, description="File the failure reason is written to.")
     json_logs: bool = Field(False, description="JSON lines instead of text.")
-    show_progress: bool = Field(True, description="Progress bars on stderr.")
+    show_progress: bool = Field(
+        True, description="Live progress bars on stderr (a terminal); otherwise the bar is rendered into log lines."
+    )
     preview_steps: int = Field(20, ge=0, description="Denoising steps of checkpoint previews; 0 disables them.")
     validation_timesteps: int = Field(8, ge=1, description="Fixed timesteps per held-out pair.")
     log_every_seconds: float = Field(30.0, gt=0, description="Interval of structured progress log lines.")
@@ -61,7 +64,7 @@ class TrainerSettings(BaseModel):
             report_status=_flag(env.get("KONTEXT_LORA_REPORT_STATUS")),
             termination_log=termination_log,
             json_logs=_flag(env.get("KONTEXT_LORA_LOG_JSON")) if "KONTEXT_LORA_LOG_JSON" in env else in_cluster,
-            show_progress=_flag(progress) if progress is not None else True,
+            show_progress=_flag(progress) if progress is not None else sys.stderr.isatty(),
             preview_steps=int(preview) if preview is not None else 20,
         )
 

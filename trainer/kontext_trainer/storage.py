@@ -71,7 +71,8 @@ class Location:
     def uri(self, key: str = "") -> str:
         if self.scheme == "s3":
             return f"s3://{self.bucket}/{self.prefix}{key}"
-        return Path(self.prefix, key).as_uri() if key else Path(self.prefix).as_uri() + "/"
+        uri = Path(self.prefix, key).as_uri()
+        return uri + "/" if not key or key.endswith("/") else uri
 
     def __str__(self) -> str:
         return self.uri()
@@ -116,10 +117,17 @@ class S3Settings(BaseModel):
         return self.endpoint_url or f"AWS S3 ({self.region})"
 
 
+@dataclass
+class FetchStats:
+    downloaded: int = 0  # files transferred by the last fetch
+    reused: int = 0  # files already in the cache (or read in place)
+
+
 class Storage(ABC):
     """Files under one root URI; keys are relative to it and "/"-separated."""
 
     location: Location
+    last_fetch: FetchStats
 
     def uri(self, key: str = "") -> str:
         return self.location.uri(key)
@@ -163,6 +171,7 @@ class LocalStorage(Storage):
     def __init__(self, location: Location):
         self.location = location
         self.root = Path(location.prefix)
+        self.last_fetch = FetchStats()
 
     def check(self) -> None:
         if self.root.exists() and not self.root.is_dir():
@@ -193,6 +202,7 @@ class LocalStorage(Storage):
             paths[key] = path
             if on_file:
                 on_file(key)
+        self.last_fetch = FetchStats(reused=len(paths))
         return paths
 
     def put_files(self, items: Sequence[tuple[Path, str]]) -> None:
@@ -231,6 +241,7 @@ class S3Storage(Storage):
 
         self.location = location
         self.settings = settings
+        self.last_fetch = FetchStats()
         config = Config(
             region_name=settings.region,
             retries={"mode": "standard", "max_attempts": settings.max_attempts},
@@ -267,7 +278,8 @@ class S3Storage(Storage):
                 "AccessDenied": "access denied: check the credentials Secret and the bucket policy",
                 "InvalidAccessKeyId": "the access key id is not known to the server: check the credentials Secret",
                 "SignatureDoesNotMatch": "the secret access key is wrong: check the credentials Secret",
-                "403": "access denied: check the credentials Secret and the bucket policy",
+                "403": "access denied: the credentials are wrong or may not use this bucket (check the credentials "
+                "Secret and the bucket policy)",
                 "404": f"bucket {self.bucket!r} does not exist",
             }.get(code, f"the server answered {code}")
             raise StorageError(f"cannot {action} {where}: {hint}") from None
@@ -354,6 +366,7 @@ class S3Storage(Storage):
             partial = manifest_path.with_name(manifest_path.name + ".partial")
             partial.write_text(json.dumps(manifest, indent=0, sort_keys=True))
             os.replace(partial, manifest_path)
+        self.last_fetch = FetchStats(downloaded=len(todo), reused=len(keys) - len(todo))
         return paths
 
     def put_files(self, items: Sequence[tuple[Path, str]]) -> None:

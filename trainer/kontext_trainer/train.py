@@ -12,14 +12,18 @@ import json
 import logging
 import math
 import random
+import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 import torch
+from accelerate.utils import set_seed
 from diffusers import FlowMatchEulerDiscreteScheduler
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from kontext_lora.api import KontextLoRAJob, Stage
 from kontext_lora.api.spec import DType
@@ -155,6 +159,7 @@ class TrainingRun:
         )
 
         transformer = load_transformer(model_dir, weight_dtype, accelerator.device)
+        set_seed(spec.training.seed)  # the LoRA's initial A matrices (and any dropout) follow the job's seed
         parameters = add_lora(transformer, spec.lora, spec.lora_alpha)
         if spec.training.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
@@ -253,15 +258,20 @@ class TrainingRun:
         schedule = BatchSchedule([p.pair.bucket for p in train_set], spec.training.batch_size, spec.training.seed)
         step_seconds: list[float] = []
         last_log = time.monotonic()
-        with tqdm(
-            total=ctx.total_steps,
-            initial=start_step,
-            desc="training",
-            unit="step",
-            dynamic_ncols=True,
-            disable=not settings.show_progress,
-            mininterval=0.5 if _is_tty() else 30.0,
-        ) as bar:
+        # On a terminal the bar is live; in a pod's log it is rendered into the periodic progress log lines.
+        with (
+            tqdm(
+                total=ctx.total_steps,
+                initial=start_step,
+                desc="training",
+                unit="step",
+                dynamic_ncols=True,
+                ascii=not settings.show_progress,
+                file=sys.stderr if settings.show_progress else _Discard(),
+                mininterval=0.5,
+            ) as bar,
+            logging_redirect_tqdm() if settings.show_progress else nullcontext(),
+        ):
             for step in range(start_step + 1, ctx.total_steps + 1):
                 micro = range((step - 1) * accumulation, step * accumulation)
                 batches = [batch_inputs([train_set[i] for i in schedule.batch(m)], ctx.latent_encoder) for m in micro]
@@ -287,10 +297,8 @@ class TrainingRun:
                 if time.monotonic() - last_log >= settings.log_every_seconds or step == ctx.total_steps:
                     last_log = time.monotonic()
                     log.info(
-                        "step %d/%d loss %.4f",
-                        step,
-                        ctx.total_steps,
-                        ctx.tracker.loss,
+                        "%s",
+                        str(bar) if not settings.show_progress else f"step {step}/{ctx.total_steps}",
                         **fields(
                             step=step,
                             total_steps=ctx.total_steps,
@@ -506,7 +514,11 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
-def _is_tty() -> bool:
-    import sys
+class _Discard:
+    """A stream for a progress bar that is only ever rendered with str(bar)."""
 
-    return sys.stderr.isatty()
+    def write(self, text: str) -> int:
+        return len(text)
+
+    def flush(self) -> None:
+        pass

@@ -43,17 +43,22 @@ def prepare_dataset(
 ) -> tuple[list[TrainingPair], list[str]]:
     """Validated pairs sorted by name, and warnings (small images, aspect mismatches) worth telling the user.
 
-    Raises DatasetError listing every offending file when the dataset cannot be trained on.
+    Raises DatasetError listing every offending file when the dataset cannot be trained on; any problem
+    fails the whole dataset (training on the rest would silently drop pairs the user meant to include).
     """
     storage.check()
     objects = storage.list(spec.control_dir.strip("/") + "/") + storage.list(spec.target_dir.strip("/") + "/")
     files, problems = index_pairs(objects, spec, storage.uri)
-    if problems:
-        raise DatasetError(storage.uri(), problems)
+    if not files:
+        raise DatasetError(storage.uri(), problems or [f"no complete pairs in {storage.uri()}"])
+    # Even with problems in the listing, the well-formed pairs are fetched and decoded, so one run reports
+    # every problem (names, empty files, images that do not decode, captions) at once.
 
     keys = [o.key for f in files for o in (f.control, f.target, f.caption) if o is not None]
     with tqdm(total=len(keys), desc="dataset", unit="file", disable=not show_progress, leave=False) as bar:
         paths = storage.fetch(keys, cache_dir, on_file=lambda _key: bar.update())
+    stats = storage.last_fetch
+    log.info("dataset files: %d downloaded, %d already local", stats.downloaded, stats.reused)
 
     pairs: list[TrainingPair] = []
     warnings: list[str] = []

@@ -31,9 +31,15 @@ class PairFiles(BaseModel):
 
 
 def _folder_entries(
-    objects: Sequence[StoredObject], folder: str, spec: DatasetSpec, describe: Callable[[str], str], problems: list[str]
+    objects: Sequence[StoredObject],
+    folder: str,
+    spec: DatasetSpec,
+    describe: Callable[[str], str],
+    problems: list[str],
+    broken: set[str],
 ) -> tuple[dict[str, StoredObject], dict[str, StoredObject]]:
-    """Images and captions directly in `folder`, by stem; anything else is a problem."""
+    """Images and captions directly in `folder`, by stem; anything else is a problem (stems of bad images
+    go to `broken`, so their partner is not reported as unpaired as well)."""
     images: dict[str, list[StoredObject]] = defaultdict(list)
     captions: dict[str, StoredObject] = {}
     prefix = folder.strip("/") + "/"
@@ -54,6 +60,7 @@ def _folder_entries(
         elif suffix in IMAGE_EXTENSIONS:
             if obj.size == 0:
                 problems.append(f"{describe(obj.key)}: the file is empty (0 bytes)")
+                broken.add(relative.stem)
                 continue
             images[relative.stem].append(obj)
         else:
@@ -66,6 +73,7 @@ def _folder_entries(
         if len(found) > 1:
             names = ", ".join(describe(o.key) for o in found)
             problems.append(f"{names}: several images share the name {stem!r}; keep one per pair")
+            broken.add(stem)
         else:
             unique[stem] = found[0]
     return unique, captions
@@ -76,9 +84,10 @@ def index_pairs(
 ) -> tuple[list[PairFiles], list[str]]:
     """Pairs found in the listing, and the problems that make the dataset unusable (empty when it is fine)."""
     problems: list[str] = []
-    controls, control_captions = _folder_entries(objects, spec.control_dir, spec, describe, problems)
-    targets, captions = _folder_entries(objects, spec.target_dir, spec, describe, problems)
-    if not controls and not targets:
+    broken: set[str] = set()
+    controls, _ = _folder_entries(objects, spec.control_dir, spec, describe, problems, broken)
+    targets, captions = _folder_entries(objects, spec.target_dir, spec, describe, problems, broken)
+    if not controls and not targets and not broken:
         problems.insert(
             0,
             f"no images found in {describe(spec.control_dir + '/')} or {describe(spec.target_dir + '/')} "
@@ -86,19 +95,19 @@ def index_pairs(
         )
         return [], problems
     for stem, control in sorted(controls.items()):
-        if stem not in targets:
+        if stem not in targets and stem not in broken:
             problems.append(
                 f"{describe(control.key)}: control image has no target; expected {spec.target_dir}/{stem}.<ext> "
                 "with the same name"
             )
     for stem, target in sorted(targets.items()):
-        if stem not in controls:
+        if stem not in controls and stem not in broken:
             problems.append(
                 f"{describe(target.key)}: target image has no control; expected {spec.control_dir}/{stem}.<ext> "
                 "with the same name"
             )
     for stem, caption in sorted(captions.items()):
-        if stem not in targets:
+        if stem not in targets and stem not in controls and stem not in broken:
             problems.append(f"{describe(caption.key)}: caption has no target image with the same name")
     pairs = []
     for stem in sorted(controls.keys() & targets.keys()):
@@ -109,5 +118,5 @@ def index_pairs(
                 f"{describe(targets[stem].key)}: no caption file ({expected}) and no spec.dataset.defaultCaption"
             )
         pairs.append(PairFiles(stem=stem, control=controls[stem], target=targets[stem], caption=caption))
-    del control_captions  # captions beside control images are allowed and ignored (ai-toolkit does the same)
+    # Captions beside control images are ignored (ai-toolkit does the same): only targets carry captions.
     return pairs, problems

@@ -1,0 +1,109 @@
+"""Helpers for the trainer's tests: job documents, running the CLI, MinIO listings, polling.
+
+Runs go through the real `kontext-lora` command in a subprocess wherever the behaviour is a process's
+(exit codes, SIGKILL, metrics served while training, logs), in-process where only the data matters.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+KONTEXT_LORA = str(Path(sys.executable).with_name("kontext-lora"))
+
+
+def job_document(name: str, model: str, dataset: str, output: str, **spec: Any) -> dict[str, Any]:
+    """A small, fast KontextLoRAJob (fp32, 512 px, rank 8, no gradient checkpointing) with overrides."""
+    document: dict[str, Any] = {
+        "apiVersion": "kontext-lora.io/v1alpha1",
+        "kind": "KontextLoRAJob",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"base": model, "dtype": "fp32"},
+            "dataset": {
+                "uri": dataset,
+                "triggerWord": "RMV,",
+                "defaultCaption": "remove the coloured shape",
+                "resolution": 512,
+                "heldOutPairs": 1,
+            },
+            "lora": {"rank": 8},
+            "training": {"steps": 12, "learningRate": 3.0e-3, "gradientCheckpointing": False},
+            "checkpoints": {"saveEvery": 4, "keep": 2},
+            "output": {"uri": output},
+        },
+    }
+    for section, values in spec.items():
+        if isinstance(values, dict):
+            document["spec"].setdefault(section, {}).update(values)
+        else:
+            document["spec"][section] = values
+    return document
+
+
+def write_job(path: Path, document: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(document, sort_keys=False))
+    return path
+
+
+def trainer_env(**extra: str) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+        "PYTHONUNBUFFERED": "1",
+        "KONTEXT_LORA_PREVIEW_STEPS": "2",
+    }
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Finished:
+    code: int
+    output: str  # stdout and stderr together
+    seconds: float
+
+
+def run_cli(args: Sequence[str], env: dict[str, str], log: Path, timeout: float = 300) -> Finished:
+    """Run `kontext-lora ARGS` to completion; its combined output is kept in `log` as well."""
+    started = time.monotonic()
+    with log.open("w") as handle:
+        code = subprocess.run(
+            [KONTEXT_LORA, *args], stdout=handle, stderr=subprocess.STDOUT, env=env, timeout=timeout
+        ).returncode
+    return Finished(code, log.read_text(), time.monotonic() - started)
+
+
+def upload_tree(client, bucket: str, root: Path, prefix: str) -> int:
+    """Upload every file under `root` to s3://bucket/prefix/...; returns the count."""
+    count = 0
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            client.upload_file(str(path), bucket, f"{prefix}{path.relative_to(root).as_posix()}")
+            count += 1
+    return count
+
+
+def s3_keys(client, bucket: str, prefix: str = "") -> list[str]:
+    keys = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        keys += [item["Key"] for item in page.get("Contents", [])]
+    return sorted(keys)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")

@@ -1,0 +1,98 @@
+"""Preemption: SIGKILL mid-run, restart, and the run continues from the newest complete checkpoint in S3."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+from pathlib import Path
+
+import safetensors.torch
+import torch
+
+from .helpers import KONTEXT_LORA, job_document, run_cli, s3_keys, trainer_env, upload_tree, wait_for, write_job
+
+STEPS, SAVE_EVERY, KEEP = 12, 3, 2
+
+
+def _checkpoints(keys: list[str], prefix: str) -> dict[int, set[str]]:
+    found: dict[int, set[str]] = {}
+    for key in keys:
+        match = re.fullmatch(rf"{prefix}checkpoints/step-(\d+)/(.+)", key)
+        if match:
+            found.setdefault(int(match.group(1)), set()).add(match.group(2))
+    return found
+
+
+def test_sigkill_then_restart_resumes_from_the_newest_complete_checkpoint(
+    minio, bucket: str, s3_env: dict, tiny_model: Path, pairs_dir: Path, tmp_path: Path
+) -> None:
+    client = minio.client()
+    upload_tree(client, bucket, pairs_dir, "pairs/")
+    env = trainer_env(KONTEXT_LORA_PREVIEW_STEPS="0")  # previews are covered elsewhere; this is about state
+
+    def job(output: str) -> Path:
+        document = job_document(
+            "resume",
+            f"file://{tiny_model}",
+            f"s3://{bucket}/pairs/",
+            f"s3://{bucket}/{output}/",
+            training={"steps": STEPS},
+            checkpoints={"saveEvery": SAVE_EVERY, "keep": KEEP},
+        )
+        return write_job(tmp_path / f"{output}.yaml", document)
+
+    work = tmp_path / "work"
+    args = ["train", str(job("out")), "--work-dir", str(work)]
+    with (tmp_path / "killed.log").open("w") as log:
+        process = subprocess.Popen([KONTEXT_LORA, *args], stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_for(
+                lambda: (
+                    "out/checkpoints/step-000006/COMPLETE" in s3_keys(client, bucket, "out/")
+                    or process.poll() is not None
+                ),
+                timeout=300,
+                what="the second checkpoint in MinIO",
+                interval=0.05,
+            )
+            process.send_signal(signal.SIGKILL)
+        finally:
+            process.wait(timeout=30)
+    killed_log = (tmp_path / "killed.log").read_text()
+    assert process.returncode == -signal.SIGKILL, f"the trainer ended before the kill:\n{killed_log[-3000:]}"
+    at_kill = _checkpoints(s3_keys(client, bucket, "out/"), "out/")
+    complete = sorted(step for step, files in at_kill.items() if "COMPLETE" in files)
+    assert complete and 6 <= complete[-1] < STEPS
+    assert "out/resume.safetensors" not in s3_keys(client, bucket, "out/")
+    # What a kill during an upload leaves behind: files without the COMPLETE marker. Never resumed from.
+    client.put_object(Bucket=bucket, Key="out/checkpoints/step-000012/resume-step-000012.safetensors", Body=b"half")
+
+    restarted = run_cli(args, env, tmp_path / "restarted.log")
+    assert restarted.code == 0, restarted.output[-4000:]
+    newest = complete[-1]
+    assert f"resuming from s3://{bucket}/out/checkpoints/step-{newest:06d}/ (step {newest})" in restarted.output
+    assert f"removing incomplete checkpoint s3://{bucket}/out/checkpoints/step-000012/" in restarted.output
+
+    keys = s3_keys(client, bucket, "out/")
+    final = _checkpoints(keys, "out/")
+    expected_files = {"COMPLETE", "training_state.pt", "validation.json"}
+    assert sorted(final) == [STEPS - SAVE_EVERY, STEPS], keys
+    for step, files in final.items():
+        assert files == expected_files | {f"resume-step-{step:06d}.safetensors"}, files
+    assert "out/resume.safetensors" in keys
+    assert sorted(p.name for p in (work / "checkpoints").iterdir()) == [f"step-{s:06d}" for s in sorted(final)]
+
+    # Resuming is exact: the same run without the kill ends with the same LoRA.
+    straight = run_cli(["train", str(job("straight")), "--work-dir", str(tmp_path / "work2")], env, tmp_path / "s.log")
+    assert straight.code == 0, straight.output[-4000:]
+    resumed_lora = _download(client, bucket, "out/resume.safetensors", tmp_path / "resumed.safetensors")
+    straight_lora = _download(client, bucket, "straight/resume.safetensors", tmp_path / "straight.safetensors")
+    assert resumed_lora.keys() == straight_lora.keys()
+    for key in resumed_lora:
+        torch.testing.assert_close(resumed_lora[key], straight_lora[key], rtol=0, atol=1e-6)
+
+
+def _download(client, bucket: str, key: str, path: Path) -> dict[str, torch.Tensor]:
+    client.download_file(bucket, key, str(path))
+    return safetensors.torch.load_file(path)

@@ -48,6 +48,7 @@ def configure_settings(settings: kopf.OperatorSettings) -> None:
     settings.watching.label_selectors[JOBS] = CHILD_SELECTOR
     settings.watching.label_selectors[PODS] = CHILD_SELECTOR
     settings.watching.server_timeout = 600
+    settings.execution.default_backoff = 10  # retry delay after an unexpected error in a handler
     settings.networking.request_timeout = 60
 
 
@@ -131,6 +132,11 @@ async def _reconcile(body: kopf.Body, namespace: str, name: str, reconciler: Rec
     except InvalidJobError as error:
         await reconciler.sync(namespace, name)
         raise kopf.PermanentError(str(error)) from None
+    except (kopf.TemporaryError, kopf.PermanentError):
+        raise
+    except Exception as error:  # a bug or an unexpected answer: say so in status, and let kopf retry
+        await reconciler.report_problem((namespace, name), "ReconcileError", f"{type(error).__name__}: {error}")
+        raise
     await reconciler.sync(namespace, name)
 
 

@@ -217,6 +217,11 @@ class Reconciler:
         for transition in transitions(status, desired):
             await self.event(body, transition.type, transition.reason, transition.message)
 
+    async def report_problem(self, key: Key, reason: str, message: str) -> None:
+        """Show why the job's objects could not be made (while it is Pending) until a later attempt succeeds."""
+        self.problems[key] = Problem(reason, message)
+        await self.sync(*key)
+
     def forget(self, key: Key) -> None:
         self.phases.forget(key)
         self.problems.pop(key, None)
@@ -260,8 +265,7 @@ class Reconciler:
                     body, "Normal", "JobCreated", f"created batch Job {desired['metadata']['name']} for the trainer"
                 )
         except KubeError as error:
-            self.problems[key] = Problem("CreateFailed", f"could not create the trainer's objects: {error}")
-            await self.sync(namespace, name)
+            await self.report_problem(key, "CreateFailed", f"could not create the trainer's objects: {error}")
             raise kopf.TemporaryError(str(error), delay=5) from None
         if current.get("deleting"):
             raise waiting(f"waiting for the replaced Job {current['name']} to be deleted", 1)
@@ -287,8 +291,7 @@ class Reconciler:
                 f"a {kind} named {name} already exists in {key[0]} and does not belong to this KontextLoRAJob; "
                 "delete it or rename the job"
             )
-            self.problems[key] = Problem("NameTaken", message)
-            await self.sync(*key)
+            await self.report_problem(key, "NameTaken", message)
             raise kopf.TemporaryError(message, delay=10)
         return existing
 

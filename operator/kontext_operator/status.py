@@ -400,7 +400,7 @@ class Transition:
 
 # Pending sub-states every job passes through: shown in status, but not worth an Event each.
 QUIET_REASONS = ("Creating", "WaitingForPod", "Scheduling", "Starting", "Running", "Finishing", "Recreating")
-NOTABLE_WARNINGS = ("Unschedulable", "JobMissing", "NameTaken", "CreateFailed", "SuspendedByQueue")
+NOTABLE_WARNINGS = ("Unschedulable", "JobMissing", "NameTaken", "CreateFailed", "ReconcileError", "SuspendedByQueue")
 
 
 def transitions(current: dict, desired: dict) -> list[Transition]:

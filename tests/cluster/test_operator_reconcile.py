@@ -198,3 +198,15 @@ def test_crashes_are_retried_up_to_the_backoff_limit(crd: Cluster, kljs: Kljs, o
     status = kljs.wait_phase("flaky", "Failed")
     assert status["reason"] == "BackoffLimitExceeded" and status["restarts"] == 1
     assert "backoffLimit is 1" in status["message"] and "code 137" in status["message"]
+
+
+def test_an_object_in_the_way_is_never_taken_over(crd: Cluster, kljs: Kljs, operator) -> None:
+    # Someone else's ServiceAccount has the name the job's would get: the operator must not adopt it.
+    crd.kubectl("create", "serviceaccount", "taken-trainer", "-n", kljs.namespace)
+    kljs.apply(job_manifest("taken"))
+    status = kljs.wait_status("taken", lambda s: s.get("reason") == "NameTaken", what="NameTaken")
+    assert status["phase"] == "Pending"
+    assert "ServiceAccount named taken-trainer already exists" in status["message"]
+    event = kljs.wait_event("taken", "NameTaken")
+    assert event["type"] == "Warning"
+    assert kljs.jobs("taken") == []

@@ -3,11 +3,13 @@ trainer pod on a matching GPU node -> the node agent runs the real trainer (`kon
 model, pairs in MinIO) -> Succeeded, with the LoRA and the rotated checkpoints in MinIO and progress in status.
 
 The operator runs under its least-privilege ServiceAccount; the trainer reports progress with its pod's own
-token through the per-job Role. Half way the operator is killed with SIGKILL and restarted.
+token through the per-job Role. After the first checkpoint the trainer process and the operator are killed with
+SIGKILL: the Job retries and the new trainer resumes from the checkpoint.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -105,8 +107,13 @@ def test_kubectl_apply_to_lora_in_s3(
     env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
     assert "value" not in env["AWS_SECRET_ACCESS_KEY"], "credentials reach the pod only by Secret reference"
 
-    # Half way, the operator dies without warning and comes back: the run goes on, no second Job.
-    kljs.wait_status(name, lambda s: s.get("phase") == "Training" and (s.get("step") or 0) > 0, 300, "training")
+    # Once the first checkpoint is in storage, the node loses the trainer (SIGKILL, as in an OOM kill) and the
+    # operator dies without warning too. The Job retries; the new trainer resumes from the checkpoint.
+    kljs.wait_status(
+        name, lambda s: any(c["step"] == SAVE_EVERY for c in s.get("checkpoints") or []), 300, "the first checkpoint"
+    )
+    first_pod = kljs.running_pod(name)["metadata"]["name"]
+    agent_node.kill_pod(kljs.namespace, first_pod)
     operator.kill()
     operator.start()
 
@@ -122,6 +129,11 @@ def test_kubectl_apply_to_lora_in_s3(
     assert all(s["totalSteps"] == STEPS for s in training)
     assert status["step"] == STEPS and status["datasetPairs"] == pairs
     assert len(kljs.jobs()) == 1 and kljs.jobs()[0]["status"]["succeeded"] == 1
+    assert status["restarts"] == 1
+    assert "code 137" in kljs.wait_event(name, "Restarting")["message"]
+    second_pod = next(p["metadata"]["name"] for p in kljs.pods(name) if p["metadata"]["name"] != first_pod)
+    resumed = re.search(r"resuming from \S+ \(step (\d+)\)", agent_node.pod_log(kljs.namespace, second_pod))
+    assert resumed and int(resumed.group(1)) >= SAVE_EVERY, agent_node.pod_log(kljs.namespace, second_pod)[-3000:]
 
     # The LoRA and the rotated checkpoints are in MinIO, and status points at them.
     s3 = minio.client()

@@ -236,6 +236,10 @@ class Reconciler:
         try:
             await self.kube.post_event(involved(body), type_, reason, message, COMPONENT)
         except KubeError as error:
+            if error.status == 403 and "being terminated" in error.message:
+                # The namespace is being deleted (and the job with it): nothing can be written there any more.
+                logger.debug("event %s on %s dropped: its namespace is being deleted", reason, body["metadata"]["name"])
+                return
             logger.warning("could not post event %s on %s: %s", reason, body["metadata"]["name"], error)
 
     # ---- creating -----------------------------------------------------------------------------------------

@@ -260,14 +260,15 @@ class Reconciler:
                     self._create_or_adopt(key, resources.service_account(job), uid),
                     self._create_or_adopt(key, resources.role(job), uid),
                 )
-                _, created = await asyncio.gather(
+                _, (batch, created) = await asyncio.gather(
                     self._create_or_adopt(key, resources.role_binding(job), uid),
                     self._create_or_adopt(key, desired, uid),
                 )
-                current = trim_job(created)
-                await self.event(
-                    body, "Normal", "JobCreated", f"created batch Job {desired['metadata']['name']} for the trainer"
-                )
+                current = trim_job(batch)
+                if created:  # not when an earlier run (before a restart) made it and this one adopted it
+                    await self.event(
+                        body, "Normal", "JobCreated", f"created batch Job {desired['metadata']['name']} for the trainer"
+                    )
         except KubeError as error:
             await self.report_problem(key, "CreateFailed", f"could not create the trainer's objects: {error}")
             raise kopf.TemporaryError(str(error), delay=5) from None
@@ -278,11 +279,12 @@ class Reconciler:
         self.problems.pop(key, None)
         return current
 
-    async def _create_or_adopt(self, key: Key, manifest: dict, uid: str | None) -> dict:
+    async def _create_or_adopt(self, key: Key, manifest: dict, uid: str | None) -> tuple[dict, bool]:
+        """(the object, whether this call created it); 409 AlreadyExists adopts what this job owns."""
         kind, name = manifest["kind"], manifest["metadata"]["name"]
         path = object_path(kind, key[0])
         try:
-            return await self.kube.create(path, manifest)
+            return await self.kube.create(path, manifest), True
         except KubeError as error:
             if not error.conflict:
                 raise
@@ -297,7 +299,7 @@ class Reconciler:
             )
             await self.report_problem(key, "NameTaken", message)
             raise kopf.TemporaryError(message, delay=10)
-        return existing
+        return existing, False
 
     async def _spec_drift(self, body: Mapping[str, Any], job: KontextLoRAJob, current: dict) -> None:
         """The spec changed after the Job was made: replace a Job that has not started, refuse the rest."""
@@ -362,6 +364,9 @@ class Reconciler:
             await self.ensure(body)
         except InvalidJobError:
             return
+        except kopf.TemporaryError as error:  # called from a watch event, which kopf does not retry: we do
+            delay = float(error.delay or 5)
+            asyncio.get_running_loop().call_later(delay, lambda: asyncio.ensure_future(self.job_gone(key)))
 
     # ---- deleting -----------------------------------------------------------------------------------------
 

@@ -174,3 +174,17 @@ def test_active_deadline_fails_the_job_and_ttl_deletes_it(crd: Cluster, kljs: Kl
     expired = kljs.wait_event("deadline", "Expired")
     assert "ttlSecondsAfterFinished" in expired["message"]
     wait_for(lambda: not kljs.jobs("deadline"), what="the Job to go with it")
+
+
+def test_a_deleted_batch_job_is_made_again(crd: Cluster, kljs: Kljs, operator) -> None:
+    kljs.apply(job_manifest("phoenix"))
+    old = wait_for(lambda: kljs.jobs("phoenix"), what="batch Job")[0]
+    kljs.wait_phase("phoenix", "Downloading")
+    crd.kubectl("delete", "job", "phoenix-trainer", "-n", kljs.namespace, "--cascade=foreground", "--wait=false")
+    new = wait_for(
+        lambda: [j for j in kljs.jobs("phoenix") if j["metadata"]["uid"] != old["metadata"]["uid"]],
+        what="the Job to be made again",
+    )[0]
+    assert new["metadata"]["name"] == "phoenix-trainer"
+    kljs.wait_event("phoenix", "JobMissing")
+    kljs.wait_phase("phoenix", "Downloading")

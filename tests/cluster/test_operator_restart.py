@@ -81,7 +81,10 @@ def test_apply_to_job_created_latency(crd: Cluster, kljs: Kljs, operator) -> Non
     created = {e.name.removesuffix("-trainer"): e.at for e in recorded[1].added()}
     latencies = sorted(created[name] - applied[name] for name in applied)
     p50, p99 = statistics.median(latencies), latencies[-1]
-    print(f"\napply -> Job created for {count} jobs applied at once: p50 {p50 * 1000:.0f} ms, max {p99 * 1000:.0f} ms")
+    print(
+        f"\napply -> Job created for {count} jobs applied at once: p50 {p50 * 1000:.0f} ms, max {p99 * 1000:.0f} ms; "
+        f"operator RSS {operator.rss_mib():.0f} MiB"
+    )
     assert p99 < 5
 
 

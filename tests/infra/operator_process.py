@@ -167,6 +167,12 @@ class OperatorProcess:
                 return float(value)
         return None
 
+    def rss_mib(self) -> float:
+        """Resident memory of the operator process (MiB)."""
+        status = Path(f"/proc/{self.process.process.pid}/status").read_text()
+        kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
+        return kib / 1024
+
     def log_tail(self, lines: int = 80) -> str:
         return self.process.log_tail(lines) if self.process else "(not started)"
 

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+from .helpers import TRAINER_THREADS
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _torch_threads() -> None:
+    """In-process training uses as many threads as the trainer subprocesses (see helpers.TRAINER_THREADS)."""
     import torch
 
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    torch.set_num_threads(int(TRAINER_THREADS))
 
 
 @pytest.fixture(scope="session")

@@ -19,16 +19,19 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 KONTEXT_LORA = str(Path(sys.executable).with_name("kontext-lora"))
+# One thread per trainer: the tiny model's matrices are too small for a second thread to pay off much, and on
+# a machine shared with other test runs two spinning OpenMP threads per process slow everything down ~2.5x.
+TRAINER_THREADS = "1"
 
 
-def job_document(name: str, model: str, dataset: str, output: str, **spec: Any) -> dict[str, Any]:
+def job_document(name: str, base: str, dataset: str, output: str, **spec: Any) -> dict[str, Any]:
     """A small, fast KontextLoRAJob (fp32, 512 px, rank 8, no gradient checkpointing) with overrides."""
     document: dict[str, Any] = {
         "apiVersion": "kontext-lora.io/v1alpha1",
         "kind": "KontextLoRAJob",
         "metadata": {"name": name},
         "spec": {
-            "model": {"base": model, "dtype": "fp32"},
+            "model": {"base": base, "dtype": "fp32"},
             "dataset": {
                 "uri": dataset,
                 "triggerWord": "RMV,",
@@ -58,7 +61,7 @@ def write_job(path: Path, document: dict[str, Any]) -> Path:
 def trainer_env(**extra: str) -> dict[str, str]:
     env = {
         **os.environ,
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+        "OMP_NUM_THREADS": TRAINER_THREADS,
         "PYTHONUNBUFFERED": "1",
         "KONTEXT_LORA_PREVIEW_STEPS": "2",
     }

@@ -172,7 +172,8 @@ class CheckpointStore:
     def rotate(self) -> tuple[list[StoredCheckpoint], list[int]]:
         """Keep the newest `keep` complete checkpoints in storage and locally; (kept, deleted steps)."""
         complete = [c for c in self.scan() if c.complete]
-        doomed, kept = complete[: -self.keep] if len(complete) > self.keep else [], complete[-self.keep :]
+        cut = max(0, len(complete) - self.keep)
+        doomed, kept = complete[:cut], complete[cut:]
         for checkpoint in doomed:
             log.info("rotating out checkpoint %s (keep %d)", self.storage.uri(checkpoint.prefix), self.keep)
             self.storage.delete(checkpoint.keys())

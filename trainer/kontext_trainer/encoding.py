@@ -108,7 +108,7 @@ class DatasetEncoder:
         texts = self._encode_texts(sorted({p.caption for p in pairs}), show_progress)
         encoder: LatentEncoder | None = None
         encoded = []
-        latent_paths = {p.stem: self._path("latents", p.identity) for p in pairs}
+        latent_paths = {p.stem: self._path("latents", f"{p.identity}|{self.vae_dtype}") for p in pairs}
         todo = [p for p in pairs if not latent_paths[p.stem].is_file()] if cache_latents else []
         if todo or keep_vae or not cache_latents:
             encoder = LatentEncoder(load_vae(self.model_dir, self.vae_dtype, self.device))
@@ -133,7 +133,7 @@ class DatasetEncoder:
         return encoded, encoder
 
     def _encode_texts(self, captions: list[str], show_progress: bool) -> dict[str, TextEmbedding]:
-        paths = {caption: self._path("text", caption) for caption in captions}
+        paths = {caption: self._path("text", f"{caption}|{self.dtype}") for caption in captions}
         todo = [c for c in captions if not paths[c].is_file()]
         if todo:
             pipeline = load_text_pipeline(self.model_dir, self.dtype, self.device)

@@ -13,12 +13,11 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, ConfigDict
@@ -157,12 +156,6 @@ class Storage(ABC):
     @abstractmethod
     def delete(self, keys: Sequence[str]) -> None:
         """Delete objects; missing ones are ignored."""
-
-    def put_text(self, key: str, text: str) -> None:
-        with tempfile.TemporaryDirectory(prefix="kontext-put-") as scratch:
-            path = Path(scratch, PurePosixPath(key).name)
-            path.write_text(text)
-            self.put_files([(path, key)])
 
 
 class LocalStorage(Storage):

@@ -50,7 +50,13 @@ from .model.source import resolve_model_dir
 from .progress import KubernetesStatusSink, ProgressTracker, StatusReporter
 from .settings import TrainerSettings
 from .storage import Location, S3Settings, Storage, open_storage
-from .train_step import KontextTrainStep, build_lr_scheduler, build_optimizer, make_accelerator
+from .train_step import (
+    KontextTrainStep,
+    build_lr_scheduler,
+    build_optimizer,
+    make_accelerator,
+    require_supported_precision,
+)
 from .validation import HeldOutSet
 
 log = logging.getLogger(__name__)
@@ -91,9 +97,17 @@ class TrainingRun:
         self.work = settings.work_dir
         self.s3 = S3Settings.from_spec(self.spec.storage)
         self.metrics = TrainerMetrics(job.metadata.name, job.metadata.namespace or "")
-        sink = KubernetesStatusSink(job.metadata.name, job.metadata.namespace) if settings.report_status else None
-        self.status = StatusReporter(sink, interval=settings.status_interval_seconds)
+        self.status = StatusReporter(self._status_sink(), interval=settings.status_interval_seconds)
         self.records: dict[int, CheckpointRecord] = {}
+
+    def _status_sink(self) -> KubernetesStatusSink | None:
+        if not self.settings.report_status:
+            return None
+        try:
+            return KubernetesStatusSink(self.job.metadata.name, self.job.metadata.namespace)
+        except Exception as error:  # no API access must not cost the LoRA: train, and say why status is missing
+            log.error("status reporting disabled: cannot set up the Kubernetes client: %s", error)
+            return None
 
     # ---- the run -------------------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -111,6 +125,7 @@ class TrainingRun:
 
     def _run(self, started: float) -> RunResult:
         spec, settings = self.spec, self.settings
+        require_supported_precision(spec.model.dtype)  # before anything is downloaded
         self._stage(Stage.Downloading)
         dataset_storage = open_storage(Location.parse(spec.dataset.uri, settings.base_dir), self.s3)
         output = open_storage(Location.parse(spec.output.uri, settings.base_dir), self.s3)

@@ -20,13 +20,22 @@ from diffusers.optimization import get_scheduler
 from kontext_lora.api.spec import DType, Optimizer, TimestepSampling, TrainingSpec
 
 from . import flux_math
+from .errors import InvalidInputError
 
 MIXED_PRECISION = {DType.bf16: "bf16", DType.fp16: "fp16", DType.fp32: "no"}
+
+
+def require_supported_precision(dtype: DType, cpu: bool = False) -> None:
+    if dtype is DType.fp16 and (cpu or not torch.cuda.is_available()):
+        raise InvalidInputError(
+            "spec.model.dtype fp16 needs a CUDA GPU (fp16 autocast and loss scaling); use bf16 or fp32 on a CPU"
+        )
 
 
 def make_accelerator(dtype: DType, gradient_accumulation: int, cpu: bool = False) -> Accelerator:
     """An Accelerator for this run. Its state is a process-wide singleton, so a second run in the same process
     (tests, notebooks) with another precision must reset it first."""
+    require_supported_precision(dtype, cpu)
     AcceleratorState._reset_state(reset_partial_state=True)
     return Accelerator(
         mixed_precision=MIXED_PRECISION[dtype], gradient_accumulation_steps=gradient_accumulation, cpu=cpu

@@ -64,10 +64,6 @@ class LatentEncoder:
     def __init__(self, vae: AutoencoderKL):
         self.vae = vae
 
-    @property
-    def latent_scale(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
     @torch.no_grad()
     def encode_pixels(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> normalised latents (B, C, H/8, W/8) in float32."""

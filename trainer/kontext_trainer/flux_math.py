@@ -32,10 +32,6 @@ def normalize_latents(latents: torch.Tensor, shift_factor: float | None, scaling
     return (latents - (shift_factor or 0.0)) * scaling_factor
 
 
-def denormalize_latents(latents: torch.Tensor, shift_factor: float | None, scaling_factor: float) -> torch.Tensor:
-    return latents / scaling_factor + (shift_factor or 0.0)
-
-
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) -> (B, H/2 * W/2, 4C), 2x2 patches in row-major order."""
     batch, channels, height, width = latents.shape

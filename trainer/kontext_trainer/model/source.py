@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from kontext_lora.api.spec import ModelSpec
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, TrainerError
 from ..storage import Location, S3Settings, S3Storage
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,13 @@ def _sync_s3(location: Location, s3: S3Settings, cache_root: Path, show_progress
 
 def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     try:
         return Path(snapshot_download(repo_id=repo_id, revision=revision, allow_patterns=HUB_PATTERNS))
@@ -83,3 +89,9 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
         raise ModelLoadError(f"model {repo_id}: no such repository on the Hugging Face hub (or no access)") from None
     except RevisionNotFoundError:
         raise ModelLoadError(f"model {repo_id}: revision {revision!r} does not exist") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError) as error:
+        # Possibly transient (exit 1: the Job retries); without internet, point spec.model.base at a copy.
+        raise TrainerError(
+            f"cannot download model {repo_id} from the Hugging Face hub and it is not in the cache ($HF_HOME): "
+            f"{str(error).splitlines()[0]}; on clusters without internet use an s3:// prefix or a volume path"
+        ) from None

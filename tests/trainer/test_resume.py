@@ -96,3 +96,30 @@ def test_sigkill_then_restart_resumes_from_the_newest_complete_checkpoint(
 def _download(client, bucket: str, key: str, path: Path) -> dict[str, torch.Tensor]:
     client.download_file(bucket, key, str(path))
     return safetensors.torch.load_file(path)
+
+
+def test_checkpoints_of_a_differently_shaped_lora_are_refused_not_mixed(
+    tiny_model: Path, pairs_dir: Path, tmp_path: Path
+) -> None:
+    """Rank changed between runs with the same output: exit 2 naming both ranks; the old checkpoint stays."""
+    from kontext_trainer.errors import ExitCode
+    from kontext_trainer.main import run_training
+    from kontext_trainer.settings import TrainerSettings
+
+    output = (tmp_path / "out").as_uri()
+    settings = TrainerSettings(
+        work_dir=tmp_path / "work",
+        base_dir=tmp_path,
+        model_cache=tmp_path / "models",
+        preview_steps=0,
+        termination_log=tmp_path / "termination-log",
+    )
+    first = job_document("shape", str(tiny_model), pairs_dir.as_uri(), output, training={"steps": 2})
+    first["spec"]["checkpoints"] = {"saveEvery": 2, "keep": 1}
+    assert run_training(job_file=write_job(tmp_path / "first.yaml", first), settings=settings) == ExitCode.OK
+    second = {**first, "spec": {**first["spec"], "lora": {"rank": 16}}}
+    code = run_training(job_file=write_job(tmp_path / "second.yaml", second), settings=settings)
+    assert code == ExitCode.INVALID_INPUT
+    message = (tmp_path / "termination-log").read_text()
+    assert "was trained with a different LoRA (rank: checkpoint 8, job 16" in message, message
+    assert (tmp_path / "out" / "checkpoints" / "step-000002" / "COMPLETE").is_file()

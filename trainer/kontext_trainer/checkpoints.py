@@ -94,10 +94,6 @@ class CheckpointStore:
             return False
         return all(name in checkpoint.files and checkpoint.files[name].size == size for name, size in expected.items())
 
-    def latest_complete(self, checkpoints: list[StoredCheckpoint] | None = None) -> StoredCheckpoint | None:
-        complete = [c for c in (self.scan() if checkpoints is None else checkpoints) if c.complete]
-        return complete[-1] if complete else None
-
     def fetch(self, checkpoint: StoredCheckpoint, cache_dir: Path) -> dict[str, Path]:
         """Local paths of a checkpoint's files (downloaded when the output URI is remote)."""
         keys = [checkpoint.prefix + name for name in checkpoint.files if name != COMPLETE]

@@ -17,6 +17,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -124,9 +125,47 @@ class TrainingRun:
         self.status.update(force=True, stage=stage, **extra)
 
     def _run(self, started: float) -> RunResult:
-        spec, settings = self.spec, self.settings
-        require_supported_precision(spec.model.dtype)  # before anything is downloaded
+        require_supported_precision(self.spec.model.dtype)  # before anything is downloaded
         self._stage(Stage.Downloading)
+        downloaded = self._download()
+        self._stage(Stage.Training, step=0, total_steps=downloaded.total_steps)
+        ctx, step_fn, train_set = self._prepare(downloaded)
+        step_seconds = self._train(ctx, step_fn, train_set)
+
+        self._stage(Stage.Uploading)
+        lora_uri = self._upload_final(ctx, downloaded.output)
+        records = self._sorted_records()
+        last_validation = records[-1].validation_loss if records else None
+        self._stage(
+            Stage.Done,
+            lora_uri=lora_uri,
+            step=ctx.total_steps,
+            progress_percentage=100,
+            eta_seconds=0,
+            **self._checkpoint_fields(),
+        )
+        log.info(
+            "LoRA written to %s (held-out loss %s -> %s)",
+            lora_uri,
+            _fmt(ctx.baseline),
+            _fmt(last_validation),
+            **fields(lora_uri=lora_uri, validation_before=ctx.baseline, validation_after=last_validation),
+        )
+        return RunResult(
+            lora_uri=lora_uri,
+            total_steps=ctx.total_steps,
+            start_step=ctx.start_step,
+            validation_before=ctx.baseline,
+            validation_after=last_validation,
+            checkpoints=records,
+            best_checkpoint=self._best(),
+            seconds=time.monotonic() - started,
+            step_seconds=step_seconds,
+        )
+
+    def _download(self) -> _Downloaded:
+        """Storage checks, the validated dataset, existing checkpoints (incomplete ones removed), the model."""
+        spec, settings = self.spec, self.settings
         dataset_storage = open_storage(Location.parse(spec.dataset.uri, settings.base_dir), self.s3)
         output = open_storage(Location.parse(spec.output.uri, settings.base_dir), self.s3)
         output.check()
@@ -148,24 +187,30 @@ class TrainingRun:
         store = CheckpointStore(output, self.work / "checkpoints", self.name, spec.checkpoints.keep)
         found = store.scan()
         store.discard_incomplete(found)
-        latest = store.latest_complete(found)
+        complete = [c for c in found if c.complete]
         model_dir = resolve_model_dir(
             spec.model, self.s3, settings.model_cache, settings.base_dir, settings.show_progress
         )
+        return _Downloaded(output, pairs, train_pairs, held_pairs, total_steps, store, complete, model_dir)
 
+    def _prepare(self, data: _Downloaded) -> tuple[_RunContext, KontextTrainStep, list[EncodedPair]]:
+        """Encode the dataset, build the LoRA and optimiser, then resume or measure the untrained held-out loss."""
+        spec, settings = self.spec, self.settings
         accelerator = make_accelerator(spec.model.dtype, spec.training.gradient_accumulation)
         weight_dtype = TORCH_DTYPES[spec.model.dtype]
         # The VAE runs in bf16 or fp32: FLUX's VAE is not trustworthy in fp16.
         vae_dtype = torch.bfloat16 if spec.model.dtype is DType.bf16 else torch.float32
-        encoder = DatasetEncoder(model_dir, self.work / "cache", accelerator.device, weight_dtype, vae_dtype)
-        previews = settings.preview_steps > 0 and bool(held_pairs)
+        encoder = DatasetEncoder(data.model_dir, self.work / "cache", accelerator.device, weight_dtype, vae_dtype)
+        previews = settings.preview_steps > 0 and bool(data.held_pairs)
         encoded, latent_encoder = encoder.encode(
-            pairs, cache_latents=spec.training.cache_latents, keep_vae=previews, show_progress=settings.show_progress
+            data.pairs,
+            cache_latents=spec.training.cache_latents,
+            keep_vae=previews,
+            show_progress=settings.show_progress,
         )
         by_stem = {e.pair.stem: e for e in encoded}
-        train_set = [by_stem[p.stem] for p in train_pairs]
         held_out = HeldOutSet(
-            [by_stem[p.stem] for p in held_pairs],
+            [by_stem[p.stem] for p in data.held_pairs],
             latent_encoder,
             spec.training.timestep_sampling,
             spec.training.timestep_shift,
@@ -173,13 +218,13 @@ class TrainingRun:
             settings.validation_timesteps,
         )
 
-        transformer = load_transformer(model_dir, weight_dtype, accelerator.device)
+        transformer = load_transformer(data.model_dir, weight_dtype, accelerator.device)
         set_seed(spec.training.seed)  # the LoRA's initial A matrices (and any dropout) follow the job's seed
         parameters = add_lora(transformer, spec.lora, spec.lora_alpha)
         if spec.training.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         optimizer = build_optimizer(parameters, spec.training)
-        lr_scheduler = build_lr_scheduler(optimizer, spec.training, total_steps)
+        lr_scheduler = build_lr_scheduler(optimizer, spec.training, data.total_steps)
         transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
         step_fn = KontextTrainStep(
             transformer,
@@ -204,19 +249,16 @@ class TrainingRun:
         )
 
         start_step, baseline, loss_ema = 0, None, None
-        if latest is not None:
-            start_step, baseline, loss_ema = self._resume(
-                latest, store, accelerator, transformer, optimizer, lr_scheduler
-            )
-            self.records = {r.step: r for r in store.records([c for c in found if c.complete])}
+        if data.complete:
+            start_step, baseline, loss_ema = self._resume(data.complete[-1], data.store, step_fn)
+            self.records = {r.step: r for r in data.store.records(data.complete)}
+            self.status.update(force=True, step=start_step, **self._checkpoint_fields())
         else:
             baseline = held_out.loss(transformer, accelerator, spec.training.guidance_scale)
             if baseline is not None:
                 log.info("held-out loss before training: %.4f", baseline, **fields(validation_loss=baseline))
-
-        tracker = ProgressTracker(total_steps, start_step)
+        tracker = ProgressTracker(data.total_steps, start_step)
         tracker.loss = loss_ema
-        self._stage(Stage.Training, step=start_step, total_steps=total_steps, **self._checkpoint_fields())
         context = _RunContext(
             accelerator=accelerator,
             transformer=transformer,
@@ -224,50 +266,17 @@ class TrainingRun:
             lr_scheduler=lr_scheduler,
             held_out=held_out,
             latent_encoder=latent_encoder,
-            scheduler_config=dict(load_scheduler(model_dir).config) if previews else None,
-            store=store,
-            total_steps=total_steps,
+            scheduler_config=dict(load_scheduler(data.model_dir).config) if previews else None,
+            store=data.store,
+            total_steps=data.total_steps,
+            start_step=start_step,
             baseline=baseline,
             tracker=tracker,
         )
-        step_seconds = self._train(context, step_fn, train_set, start_step)
-
-        self._stage(Stage.Uploading)
-        lora_uri = self._upload_final(context, output)
-        records = self._sorted_records()
-        best = self._best()
-        last_validation = records[-1].validation_loss if records else None
-        self._stage(
-            Stage.Done,
-            lora_uri=lora_uri,
-            step=total_steps,
-            progress_percentage=100,
-            eta_seconds=0,
-            **self._checkpoint_fields(),
-        )
-        log.info(
-            "LoRA written to %s (held-out loss %s -> %s)",
-            lora_uri,
-            _fmt(baseline),
-            _fmt(last_validation),
-            **fields(lora_uri=lora_uri, validation_before=baseline, validation_after=last_validation),
-        )
-        return RunResult(
-            lora_uri=lora_uri,
-            total_steps=total_steps,
-            start_step=start_step,
-            validation_before=baseline,
-            validation_after=last_validation,
-            checkpoints=records,
-            best_checkpoint=best,
-            seconds=time.monotonic() - started,
-            step_seconds=step_seconds,
-        )
+        return context, step_fn, [by_stem[p.stem] for p in data.train_pairs]
 
     # ---- training loop -------------------------------------------------------------------------------------
-    def _train(
-        self, ctx: _RunContext, step_fn: KontextTrainStep, train_set: list[EncodedPair], start_step: int
-    ) -> list[float]:
+    def _train(self, ctx: _RunContext, step_fn: KontextTrainStep, train_set: list[EncodedPair]) -> list[float]:
         spec, settings = self.spec, self.settings
         accumulation = spec.training.gradient_accumulation
         schedule = BatchSchedule([p.pair.bucket for p in train_set], spec.training.batch_size, spec.training.seed)
@@ -277,7 +286,7 @@ class TrainingRun:
         with (
             tqdm(
                 total=ctx.total_steps,
-                initial=start_step,
+                initial=ctx.start_step,
                 desc="training",
                 unit="step",
                 dynamic_ncols=True,
@@ -287,7 +296,7 @@ class TrainingRun:
             ) as bar,
             logging_redirect_tqdm() if settings.show_progress else nullcontext(),
         ):
-            for step in range(start_step + 1, ctx.total_steps + 1):
+            for step in range(ctx.start_step + 1, ctx.total_steps + 1):
                 micro = range((step - 1) * accumulation, step * accumulation)
                 batches = [batch_inputs([train_set[i] for i in schedule.batch(m)], ctx.latent_encoder) for m in micro]
                 generators = [micro_batch_generator(spec.training.seed, m) for m in micro]
@@ -459,8 +468,10 @@ class TrainingRun:
         return {"checkpoints": records, "last_checkpoint": records[-1].uri, "best_checkpoint": self._best()}
 
     def _resume(
-        self, latest: StoredCheckpoint, store: CheckpointStore, accelerator, transformer, optimizer, lr_scheduler
+        self, latest: StoredCheckpoint, store: CheckpointStore, step_fn: KontextTrainStep
     ) -> tuple[int, float | None, float | None]:
+        """Restore the newest complete checkpoint; (its step, the "before" held-out loss, the smoothed loss)."""
+        accelerator = step_fn.accelerator
         files = store.fetch(latest, self.work / "resume" / f"step-{latest.step:06d}")
         if STATE_FILE not in files:
             raise CheckpointMismatchError(f"{store.storage.uri(latest.prefix)} has no {STATE_FILE}")
@@ -477,9 +488,9 @@ class TrainingRun:
                 f"{store.storage.uri(latest.prefix)} was trained with a different LoRA ({details}); "
                 "write this job to a new spec.output.uri, or delete the old checkpoints to start over"
             )
-        restore_lora_weights(accelerator.unwrap_model(transformer), state["lora"])
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        restore_lora_weights(accelerator.unwrap_model(step_fn.transformer), state["lora"])
+        step_fn.optimizer.load_state_dict(state["optimizer"])
+        step_fn.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if state.get("grad_scaler") and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(state["grad_scaler"])
         rng = state["rng"]
@@ -511,6 +522,18 @@ class TrainingRun:
 
 
 @dataclass
+class _Downloaded:
+    output: Storage
+    pairs: list[TrainingPair]
+    train_pairs: list[TrainingPair]
+    held_pairs: list[TrainingPair]
+    total_steps: int
+    store: CheckpointStore
+    complete: list[StoredCheckpoint]  # complete checkpoints found under the output URI, oldest first
+    model_dir: Path
+
+
+@dataclass
 class _RunContext:
     accelerator: Any
     transformer: torch.nn.Module
@@ -521,6 +544,7 @@ class _RunContext:
     scheduler_config: dict | None
     store: CheckpointStore
     total_steps: int
+    start_step: int
     baseline: float | None
     tracker: ProgressTracker
 

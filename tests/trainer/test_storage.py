@@ -59,6 +59,7 @@ def test_unreachable_storage_exits_3_in_bounded_time_naming_endpoint_and_bucket(
         AWS_SECRET_ACCESS_KEY="not-a-real-secret-value-0123",
         AWS_REGION="us-east-1",
         KONTEXT_LORA_S3_MAX_ATTEMPTS="3",
+        KONTEXT_LORA_S3_RETRY_SECONDS="3",
         KONTEXT_LORA_TERMINATION_LOG=str(tmp_path / "termination-log"),
     )
     job = write_job(
@@ -70,6 +71,7 @@ def test_unreachable_storage_exits_3_in_bounded_time_naming_endpoint_and_bucket(
     assert finished.seconds < 60
     message = (tmp_path / "termination-log").read_text()
     assert endpoint in message and "s3://loras/out/" in message and "after 3 attempts" in message, message
+    assert "still failing after" in message and "retry budget 3s" in message, message
 
 
 def test_wrong_credentials_exit_3_and_the_secret_is_never_printed(

@@ -44,6 +44,14 @@ class CheckpointMismatchError(InvalidInputError):
 
 
 class StorageError(TrainerError):
-    """Object storage refused or could not be reached after bounded retries."""
+    """Object storage refused or could not be reached after bounded retries.
+
+    `transient`: a failure that may pass by itself (connection refused or cut, timeout, a 5xx answer), which the
+    S3 storage retries within its time budget; refusals (missing bucket, wrong credentials) are not.
+    """
 
     exit_code = ExitCode.STORAGE_UNREACHABLE
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient

@@ -9,15 +9,20 @@ Local folders implement the same interface; every file they write appears atomic
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
+import random
 import shutil
+import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlparse
 
 from pydantic import BaseModel, ConfigDict
@@ -32,6 +37,11 @@ SYNC_MANIFEST = ".kontext-sync.json"
 # Environment variables through which the endpoint reaches boto3 (it reads them natively).
 ENDPOINT_ENV = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 CREDENTIAL_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+# Retries of a whole storage operation while storage is down (on top of botocore's per-request attempts).
+RETRY_FIRST_DELAY = 1.0
+RETRY_MAX_DELAY = 30.0
+# Answers that mean "try again later" rather than "no".
+TRANSIENT_ERROR_CODES = ("SlowDown", "RequestTimeout", "ServiceUnavailable", "InternalError", "RequestTimeTooSkewed")
 
 
 @dataclass(frozen=True)
@@ -92,6 +102,8 @@ class S3Settings(BaseModel):
     region: str = "us-east-1"
     addressing_style: AddressingStyle = AddressingStyle.auto
     max_attempts: int = 6
+    retry_seconds: float = 300.0
+    """How long a storage operation keeps being retried while storage is unreachable, before exit code 3."""
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     max_concurrency: int = 8
@@ -102,7 +114,14 @@ class S3Settings(BaseModel):
         endpoint = next((environ[name] for name in ENDPOINT_ENV if environ.get(name)), None) or spec.endpoint
         region = environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or spec.region
         attempts = int(environ.get("KONTEXT_LORA_S3_MAX_ATTEMPTS", cls.model_fields["max_attempts"].default))
-        return cls(endpoint_url=endpoint, region=region, addressing_style=spec.addressing_style, max_attempts=attempts)
+        retry_seconds = float(environ.get("KONTEXT_LORA_S3_RETRY_SECONDS", cls.model_fields["retry_seconds"].default))
+        return cls(
+            endpoint_url=endpoint,
+            region=region,
+            addressing_style=spec.addressing_style,
+            max_attempts=attempts,
+            retry_seconds=retry_seconds,
+        )
 
     @property
     def effective_addressing_style(self) -> str:
@@ -225,8 +244,35 @@ class LocalStorage(Storage):
                 folder = folder.parent
 
 
+_T = TypeVar("_T")
+_retrying = threading.local()
+
+
+def _retried(method: Callable[..., _T]) -> Callable[..., _T]:
+    """Retry a whole S3Storage operation while it fails transiently (see `S3Storage._with_retries`). Nested calls
+    (`fetch` lists first) are retried by the outermost one only, so the budget is not spent twice."""
+
+    @functools.wraps(method)
+    def wrapper(self: S3Storage, *args: Any, **kwargs: Any) -> _T:
+        if getattr(_retrying, "active", False):
+            return method(self, *args, **kwargs)
+        _retrying.active = True
+        try:
+            return self._with_retries(lambda: method(self, *args, **kwargs))
+        finally:
+            _retrying.active = False
+
+    return wrapper
+
+
 class S3Storage(Storage):
-    """An s3:// prefix on AWS S3 or any S3-compatible server (MinIO, Ceph, R2...)."""
+    """An s3:// prefix on AWS S3 or any S3-compatible server (MinIO, Ceph, R2...).
+
+    Every operation is retried as a whole while storage is unreachable (connection refused or cut, timeouts, 5xx),
+    with exponential backoff, for up to `settings.retry_seconds` (`$KONTEXT_LORA_S3_RETRY_SECONDS`, 300 s): an S3
+    gateway restarting under a long training run costs a pause, not the job. Operations are idempotent (whole
+    objects, deletes), so a retry after a cut is safe. Refusals fail at once.
+    """
 
     def __init__(self, location: Location, settings: S3Settings):
         import boto3
@@ -251,19 +297,57 @@ class S3Storage(Storage):
     def bucket(self) -> str:
         return self.location.bucket
 
+    def _with_retries(self, operation: Callable[[], _T]) -> _T:
+        budget = self.settings.retry_seconds
+        started = time.monotonic()
+        delay, tries = RETRY_FIRST_DELAY, 1
+        jitter = random.Random()  # not the global generator: its state is part of a resumable checkpoint
+        while True:
+            try:
+                return operation()
+            except StorageError as error:
+                elapsed = time.monotonic() - started
+                if not error.transient or elapsed >= budget:
+                    if error.transient and tries > 1:
+                        raise StorageError(
+                            f"{error}; still failing after {elapsed:.0f}s and {tries} tries "
+                            f"(retry budget {budget:g}s, $KONTEXT_LORA_S3_RETRY_SECONDS)",
+                            transient=True,
+                        ) from None
+                    raise
+                wait = min(delay * jitter.uniform(0.5, 1.0), budget - elapsed)
+                log.warning(
+                    "%s; retrying in %.1fs (try %d, %.0fs of the %gs retry budget left)",
+                    error,
+                    wait,
+                    tries,
+                    budget - elapsed,
+                    budget,
+                )
+                time.sleep(wait)
+                delay = min(delay * 2, RETRY_MAX_DELAY)
+                tries += 1
+
     def _key(self, key: str) -> str:
         return f"{self.location.prefix}{key}"
 
     @contextmanager
     def _errors(self, action: str, key: str = "") -> Iterator[None]:
         """Turn botocore failures into StorageError naming the endpoint, bucket and what was being done."""
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+        from botocore.exceptions import BotoCoreError, ClientError, HTTPClientError, NoCredentialsError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from s3transfer.exceptions import RetriesExceededError
 
         where = f"{self.uri(key)} at {self.settings.endpoint_name}"
         try:
             yield
         except ClientError as error:
             code = str(error.response.get("Error", {}).get("Code", "Unknown"))
+            http_status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+            if http_status >= 500 or code in TRANSIENT_ERROR_CODES:
+                raise StorageError(
+                    f"cannot {action} {where}: the server answered {code} (HTTP {http_status})", transient=True
+                ) from None
             if code in ("NoSuchKey", "404", "NotFound") and key:
                 raise FileNotFoundError(f"{self.uri(key)} does not exist") from None
             hint = {
@@ -281,16 +365,19 @@ class S3Storage(Storage):
                 f"cannot {action} {where}: no S3 credentials; set spec.storage.credentialsSecret "
                 "(or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY for local runs)"
             ) from None
-        except BotoCoreError as error:
+        except (BotoCoreError, RetriesExceededError) as error:
             raise StorageError(
                 f"cannot {action} {where}: storage unreachable after {self.settings.max_attempts} attempts "
-                f"({type(error).__name__}: {error})"
+                f"({type(error).__name__}: {error})",
+                transient=isinstance(error, (BotoConnectionError, HTTPClientError, RetriesExceededError)),
             ) from None
 
+    @_retried
     def check(self) -> None:
         with self._errors("reach"):
             self.client.head_bucket(Bucket=self.bucket)
 
+    @_retried
     def list(self, prefix: str = "") -> list[StoredObject]:
         objects = []
         with self._errors("list", prefix):
@@ -308,6 +395,7 @@ class S3Storage(Storage):
         config = TransferConfig(max_concurrency=self.settings.max_concurrency, preferred_transfer_client="classic")
         return create_transfer_manager(self.client, config)
 
+    @_retried
     def fetch(
         self, keys: Sequence[str], cache_dir: Path, on_file: Callable[[str], None] | None = None
     ) -> dict[str, Path]:
@@ -368,6 +456,7 @@ class S3Storage(Storage):
         self.last_fetch = FetchStats(downloaded=len(todo), reused=len(keys) - len(todo))
         return paths
 
+    @_retried
     def put_files(self, items: Sequence[tuple[Path, str]]) -> None:
         if not items:
             return
@@ -376,10 +465,12 @@ class S3Storage(Storage):
             for future in futures:
                 future.result()
 
+    @_retried
     def get_bytes(self, key: str) -> bytes:
         with self._errors("read", key):
             return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
 
+    @_retried
     def delete(self, keys: Sequence[str]) -> None:
         keys = list(keys)
         for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys

@@ -105,17 +105,17 @@ class DatasetEncoder:
         encoder: LatentEncoder | None = None
         encoded = []
         latent_paths = {p.stem: self._path("latents", f"{p.identity}|{self.vae_dtype}") for p in pairs}
-        todo = [p for p in pairs if not latent_paths[p.stem].is_file()] if cache_latents else []
+        todo = {p.stem for p in pairs if not latent_paths[p.stem].is_file()} if cache_latents else set()
         if todo or keep_vae or not cache_latents:
             encoder = LatentEncoder(load_vae(self.model_dir, self.vae_dtype, self.device))
         with tqdm(total=len(todo), desc="encoding images", unit="pair", disable=not (show_progress and todo)) as bar:
             for pair in pairs:
                 width, height = pair.bucket
-                scale = self.latent_scale
-                item = EncodedPair(pair=pair, text=texts[pair.caption], latent_hw=(height // scale, width // scale))
+                latent_hw = (height // self.latent_scale, width // self.latent_scale)
+                item = EncodedPair(pair=pair, text=texts[pair.caption], latent_hw=latent_hw)
                 if cache_latents:
                     path = latent_paths[pair.stem]
-                    if pair in todo:
+                    if pair.stem in todo:
                         target, control = encoder.encode_pair(pair)
                         _save(path, {"target": target, "control": control})
                         bar.update()
@@ -123,8 +123,7 @@ class DatasetEncoder:
                     item.target, item.control = tensors["target"], tensors["control"]
                 encoded.append(item)
         if encoder is not None and not keep_vae and cache_latents:
-            del encoder
-            encoder = None
+            encoder = None  # every latent is cached: the VAE leaves memory
             free_memory()
         return encoded, encoder
 

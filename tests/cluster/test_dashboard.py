@@ -98,7 +98,9 @@ def test_dashboard_is_well_formed() -> None:
     assert DASHBOARD["uid"] and len(DASHBOARD["uid"]) <= 40
     loss = next(p for p in panels() if p["title"] == "Loss")
     exprs = [t["expr"] for t in loss["targets"]]
-    assert any("avg_over_time" in e for e in exprs) and any("avg_over_time" not in e for e in exprs), "raw + smoothed"
+    assert any(e.startswith("max by (job_namespace, job_name) (kontext_train_loss{") for e in exprs), "raw"
+    assert any("avg_over_time(kontext_train_loss{" in e for e in exprs), "smoothed over the window"
+    assert any("kontext_train_loss_ema{" in e for e in exprs), "the trainer's moving average, as in status"
 
 
 # --- real processes, scraped -----------------------------------------------------------------------------------

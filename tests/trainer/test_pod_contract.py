@@ -19,6 +19,7 @@ from .helpers import KONTEXT_LORA, job_document, s3_keys, trainer_env, upload_tr
 
 METRICS = (
     "kontext_train_loss",
+    "kontext_train_loss_ema",
     "kontext_train_step",
     "kontext_train_total_steps",
     "kontext_train_learning_rate",

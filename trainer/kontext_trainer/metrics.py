@@ -23,7 +23,8 @@ class TrainerMetrics:
         def gauge(name: str, doc: str) -> Gauge:
             return Gauge(name, doc, LABELS, registry=self.registry).labels(**labels)
 
-        self.loss = gauge("kontext_train_loss", "Training loss (exponential moving average).")
+        self.loss = gauge("kontext_train_loss", "Training loss of the latest optimiser step (raw).")
+        self.loss_ema = gauge("kontext_train_loss_ema", "Training loss, moving average (as in status.loss).")
         self.step = gauge("kontext_train_step", "Optimiser steps done.")
         self.total_steps = gauge("kontext_train_total_steps", "Optimiser steps the run will take.")
         self.learning_rate = gauge("kontext_train_learning_rate", "Current learning rate.")

@@ -188,6 +188,9 @@ class TrainingRun:
         found = store.scan()
         store.discard_incomplete(found)
         complete = [c for c in found if c.complete]
+        if len(complete) > spec.checkpoints.keep:
+            # A run killed between publishing a checkpoint and rotating left one too many: keep the newest `keep`.
+            complete, _ = store.rotate()
         model_dir = resolve_model_dir(
             spec.model, self.s3, settings.model_cache, settings.base_dir, settings.show_progress
         )
@@ -311,7 +314,8 @@ class TrainingRun:
                 step_seconds.append(elapsed)
                 ctx.tracker.update(step, result.loss, result.learning_rate)
                 self.metrics.step.set(step)
-                self.metrics.loss.set(ctx.tracker.loss)
+                self.metrics.loss.set(result.loss)
+                self.metrics.loss_ema.set(ctx.tracker.loss)
                 self.metrics.learning_rate.set(result.learning_rate)
                 self.metrics.step_seconds.observe(elapsed)
                 self.metrics.observe_memory()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,8 +47,13 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Demo:
     return Demo(work, finished.output, finished.seconds, Path(match.group(1)))
 
 
-def test_demo_runs_in_time_rotates_checkpoints_and_prints_the_lora(demo: Demo) -> None:
-    assert demo.seconds < DEMO_LIMIT_SECONDS, f"the demo took {demo.seconds:.0f}s"
+def test_demo_rotates_checkpoints_and_prints_the_lora(demo: Demo) -> None:
+    # Wall time is reported, not asserted (no timed tests): ~50 s on an idle 2-core machine, see docs/trainer.md.
+    print(f"\ndemo wall time: {demo.seconds:.0f}s")
+    if demo.seconds > DEMO_LIMIT_SECONDS:
+        warnings.warn(
+            f"the demo took {demo.seconds:.0f}s (> {DEMO_LIMIT_SECONDS}s): is the machine loaded?", stacklevel=1
+        )
     assert demo.lora == demo.work / "lora" / "local-demo.safetensors" and demo.lora.is_file()
     assert "training: 100%" in demo.output  # the progress bar
     kept = sorted(p.name for p in (demo.work / "lora" / "checkpoints").iterdir())

@@ -401,6 +401,16 @@ class Transition:
 # Pending sub-states every job passes through: shown in status, but not worth an Event each.
 QUIET_REASONS = ("Creating", "WaitingForPod", "Scheduling", "Starting", "Running", "Finishing", "Recreating")
 NOTABLE_WARNINGS = ("Unschedulable", "JobMissing", "NameTaken", "CreateFailed", "ReconcileError", "SuspendedByQueue")
+# A trainer container that cannot start (a Secret or key missing, an image that cannot be pulled) waits forever,
+# holding its GPU: as much a warning as a failure, though the kubelet keeps retrying.
+CONTAINER_START_FAILURES = (
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "RunContainerError",
+)
 
 
 def transitions(current: dict, desired: dict) -> list[Transition]:
@@ -410,7 +420,7 @@ def transitions(current: dict, desired: dict) -> list[Transition]:
     reason, message = str(desired.get("reason") or new_phase), desired.get("message") or ""
     phase_changed = old_phase != new_phase
     if phase_changed or (current.get("reason") != reason and reason not in QUIET_REASONS):
-        warning = new_phase == Phase.Failed or reason in NOTABLE_WARNINGS
+        warning = new_phase == Phase.Failed or reason in NOTABLE_WARNINGS or reason in CONTAINER_START_FAILURES
         specific = new_phase in (Phase.Failed, Phase.Pending, Phase.Suspended) and reason not in QUIET_REASONS
         event_reason = reason if specific else str(new_phase)
         headline = f"{old_phase or 'New'} -> {new_phase}" if phase_changed else str(new_phase)

@@ -85,6 +85,8 @@ def test_container_config_error_is_shown() -> None:
     waiting = {"waiting": {"reason": "CreateContainerConfigError", "message": 'secret "s3" not found'}}
     obs = observe(job(active=1), [pod(phase="Pending", state=waiting)], {}, suspend=False)
     assert obs.reason == "CreateContainerConfigError" and 'secret "s3" not found' in obs.message
+    [event] = transitions({}, desired_status({}, obs, job_name="j-trainer", generation=1, now=T0))
+    assert event.type == "Warning" and event.reason == "CreateContainerConfigError", event
 
 
 def test_running_pod_mirrors_the_trainers_stage() -> None:

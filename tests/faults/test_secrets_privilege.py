@@ -1,0 +1,199 @@
+"""Secrets and privilege: storage credentials reach trainer pods only by Secret reference and appear nowhere else —
+not in the operator's log, the trainers' logs and termination messages, the job's status, Events, or the Job and pod
+specs — for a job that succeeds and jobs that fail on storage. Trainer pods run non-root without privilege
+escalation, all capabilities dropped, seccomp RuntimeDefault, and are admitted by a namespace that enforces the
+`restricted` Pod Security Standard. The operator's RBAC (its rule list, the chart's rendered roles and the live
+ServiceAccount) has no wildcard, no Secrets, no cluster-admin."""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+from kontext_operator.rbac import OPERATOR_RULES
+
+from tests.conftest import Cluster
+from tests.infra.helm import Helm
+from tests.infra.klj import Kljs
+from tests.infra.minio import MinioServer
+from tests.infra.node_agent import NodeAgent
+from tests.infra.operator_process import SERVICE_ACCOUNT, SYSTEM_NAMESPACE, OperatorProcess
+
+from .support import record, scan_for, trainer_job, upload_pairs, wait_until
+
+pytestmark = [pytest.mark.cluster, pytest.mark.s3, pytest.mark.slow]
+
+OPERATOR_USER = f"system:serviceaccount:{SYSTEM_NAMESPACE}:{SERVICE_ACCOUNT}"
+ADMIN_ROLES = {"cluster-admin", "admin", "edit"}
+CREDENTIAL_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+
+
+def test_credentials_only_by_reference_never_in_logs_status_or_events_and_pods_are_restricted(
+    crd: Cluster,
+    kljs: Kljs,
+    operator: OperatorProcess,
+    agent: NodeAgent,
+    fault_minio: MinioServer,
+    fault_bucket: str,
+    tiny_model: Path,
+    pairs_dir: Path,
+) -> None:
+    namespace = kljs.namespace
+    for label in ("enforce", "warn", "audit"):
+        crd.kubectl("label", "namespace", namespace, f"pod-security.kubernetes.io/{label}=restricted", "--overwrite")
+    # The namespace really enforces: a pod that may escalate is refused at admission.
+    risky = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "risky"},
+        "spec": {"containers": [{"name": "c", "image": "busybox", "securityContext": {"privileged": True}}]},
+    }
+    refused = crd.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(risky), check=False)
+    assert refused.returncode != 0 and "violates PodSecurity" in refused.stderr, refused.stderr
+
+    agent.env_overrides["KONTEXT_LORA_METRICS_PORT"] = "0"  # parallel pods share this host's network here
+    agent.env_overrides["KONTEXT_LORA_S3_RETRY_SECONDS"] = "5"
+    client = fault_minio.client()
+    upload_pairs(client, fault_bucket, "data/", pairs_dir)
+    wrong_secret = "kl-fault-wrong-" + uuid.uuid4().hex
+    kljs.create_s3_secret(fault_minio.access_key, fault_minio.secret_key)
+    kljs.create_s3_secret(fault_minio.access_key, wrong_secret, name="wrong-credentials")
+    common = {"bucket": fault_bucket, "endpoint": fault_minio.endpoint, "model": tiny_model}
+    jobs = {
+        "leak-ok": trainer_job("leak-ok", steps=4, save_every=2, keep=1, **common),
+        "leak-wrong-key": trainer_job("leak-wrong-key", secret="wrong-credentials", **common),
+        "leak-no-bucket": trainer_job("leak-no-bucket", **common),
+    }
+    # A storage failure after the credentials were used: the output bucket does not exist.
+    jobs["leak-no-bucket"]["spec"]["output"]["uri"] = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/out/"
+    for document in jobs.values():
+        kljs.apply(document)
+    expected = {"leak-ok": "Succeeded", "leak-wrong-key": "Failed", "leak-no-bucket": "Failed"}
+    wait_until(
+        lambda: all(kljs.status(n).get("phase") == phase for n, phase in expected.items()),
+        420,
+        f"phases {expected}",
+        interval=1,
+    )
+
+    # Pods: admitted under `restricted`, credentials by reference only.
+    pods = [p for name in jobs for p in kljs.pods(name)]
+    assert len(pods) == len(jobs), [p["metadata"]["name"] for p in pods]
+    failed_creates = crd.kubectl(
+        "get", "events", "-n", namespace, "--field-selector", "reason=FailedCreate", "-o", "json"
+    ).stdout
+    assert not json.loads(failed_creates)["items"], failed_creates
+    for pod in pods:
+        spec = pod["spec"]
+        assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] != 0
+        assert spec["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert not any(spec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
+        assert not any("hostPath" in v for v in spec.get("volumes") or [])
+        [container] = spec["containers"]
+        context = container["securityContext"]
+        assert context["allowPrivilegeEscalation"] is False and context["capabilities"] == {"drop": ["ALL"]}
+        assert context.get("privileged") in (None, False) and context["readOnlyRootFilesystem"] is True
+        env = {e["name"]: e for e in container["env"]}
+        for name in CREDENTIAL_ENV & env.keys():
+            assert "value" not in env[name] and env[name]["valueFrom"]["secretKeyRef"]["name"], env[name]
+        assert not container.get("envFrom"), "no bulk import of Secrets"
+
+    # Nothing outside the Secret holds the values.
+    plain = {"access key": fault_minio.access_key, "secret key": fault_minio.secret_key, "wrong key": wrong_secret}
+    # ... nor their base64 form (a dumped Secret object).
+    secrets = plain | {f"{k} (base64)": base64.b64encode(v.encode()).decode() for k, v in plain.items()}
+    texts = {
+        "operator log": operator.log_path.read_text(errors="replace"),
+        "kubectl get klj -o yaml": crd.kubectl("get", "klj", "-n", namespace, "-o", "yaml").stdout,
+        "kubectl describe klj": crd.kubectl("describe", "klj", "-n", namespace).stdout,
+        "events": crd.kubectl("get", "events", "-n", namespace, "-o", "yaml").stdout,
+        "jobs and pods": crd.kubectl("get", "jobs,pods", "-n", namespace, "-o", "yaml").stdout,
+    }
+    for pod in pods:
+        name = pod["metadata"]["name"]
+        texts[f"log of {name}"] = agent.pod_log(namespace, name)
+        termination = agent.find_dir(namespace, name) / "termination-log"
+        texts[f"termination message of {name}"] = termination.read_text() if termination.exists() else ""
+    leaks = scan_for(secrets, texts)
+    assert not leaks, leaks
+    # The scan can see them: the Secret object itself holds them.
+    in_secret = crd.kubectl("get", "secret", "wrong-credentials", "-n", namespace, "-o", "json").stdout
+    found = scan_for(secrets, {"the Secret": in_secret})
+    assert found == ["the Secret: access key (base64)", "the Secret: wrong key (base64)"], found
+    assert "access denied" in kljs.status("leak-wrong-key")["message"]
+
+    # The trainer's identity can read its own job and patch its status, and nothing like Secrets.
+    trainer_user = f"system:serviceaccount:{namespace}:leak-ok-trainer"
+    for verb, resource, allowed in (
+        ("get", "secrets", "no"),
+        ("list", "pods", "no"),
+        ("patch", "kontextlorajobs.kontext-lora.io/leak-ok", "no"),
+        ("patch", "kontextlorajobs.kontext-lora.io/leak-wrong-key", "no"),
+        ("get", "kontextlorajobs.kontext-lora.io/leak-ok", "yes"),
+    ):
+        answer = crd.kubectl("auth", "can-i", verb, resource, "-n", namespace, f"--as={trainer_user}", check=False)
+        assert answer.stdout.strip() == allowed, (verb, resource, answer.stdout)
+    answer = crd.kubectl(
+        "auth",
+        "can-i",
+        "patch",
+        "kontextlorajobs.kontext-lora.io/leak-ok",
+        "--subresource=status",
+        "-n",
+        namespace,
+        f"--as={trainer_user}",
+        check=False,
+    )
+    assert answer.stdout.strip() == "yes", answer.stdout
+    record(
+        "secrets",
+        sources_scanned=len(texts),
+        secret_values=len(secrets),
+        occurrences=len(leaks),
+        jobs=expected,
+        pod_security="restricted (enforce)",
+    )
+
+
+def _no_wildcards(rules: list[dict], where: str) -> None:
+    for rule in rules:
+        for key in ("apiGroups", "resources", "verbs", "resourceNames", "nonResourceURLs"):
+            assert "*" not in (rule.get(key) or []), f"{where}: wildcard in {key}: {rule}"
+        assert "secrets" not in (rule.get("resources") or []), f"{where}: Secrets access: {rule}"
+        assert not {"escalate", "bind", "impersonate"} & set(rule.get("verbs") or []), f"{where}: {rule}"
+
+
+def test_operator_rbac_has_no_wildcards_no_secrets_and_no_cluster_admin(crd: Cluster, tmp_path: Path) -> None:
+    _no_wildcards(list(OPERATOR_RULES), "kontext_operator.rbac")
+    helm = Helm(tmp_path / "helm")
+    rendered = 0
+    for values in ({}, {"watchNamespaces": ["team-a", "team-b"]}):
+        for manifest in helm.template(values):
+            kind = manifest["kind"]
+            if kind in ("ClusterRole", "Role"):
+                _no_wildcards(manifest.get("rules") or [], f"chart {kind} {manifest['metadata']['name']}")
+                rendered += 1
+            if kind in ("ClusterRoleBinding", "RoleBinding"):
+                assert manifest["roleRef"]["name"] not in ADMIN_ROLES, manifest
+                rendered += 1
+    assert rendered >= 4
+
+    # The live identity the operator runs under in these tests (exactly rbac.py's rules).
+    denied = (("*", "*"), ("get", "secrets"), ("list", "secrets"), ("create", "pods"), ("escalate", "roles"))
+    for verb, resource in denied:
+        answer = crd.kubectl("auth", "can-i", verb, resource, "-A", f"--as={OPERATOR_USER}", check=False)
+        assert answer.stdout.strip() == "no", (verb, resource, answer.stdout)
+    bindings = json.loads(crd.kubectl("get", "clusterrolebindings", "-o", "json").stdout)["items"]
+    for binding in bindings:
+        subjects = binding.get("subjects") or []
+        if any(s.get("kind") == "ServiceAccount" and s.get("name") == SERVICE_ACCOUNT for s in subjects):
+            assert binding["roleRef"]["name"] not in ADMIN_ROLES, binding
+    listing = crd.kubectl("auth", "can-i", "--list", f"--as={OPERATOR_USER}").stdout
+    for line in listing.splitlines()[1:]:
+        columns = line.split()
+        assert columns and columns[0] not in ("*", "*.*"), line
+        assert "[*]" not in line, line
+    record("rbac", rules=len(OPERATOR_RULES), chart_roles_and_bindings_checked=rendered, wildcards=0, secrets=0)

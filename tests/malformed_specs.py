@@ -160,4 +160,19 @@ MALFORMED: list[Malformed] = [
         _both(_set("training.steps", "auto"), _set("training.autoStepsPerPair", 99)),
         "spec.training.autoStepsPerPair",
     ),
+    # Added by the fault-injection suite (tests/faults): more ways users get a job wrong.
+    Malformed("held-out-pairs-negative", _set("dataset.heldOutPairs", -1), "spec.dataset.heldOutPairs"),
+    Malformed("dropout-negative", _set("lora.dropout", -0.1), "spec.lora.dropout"),
+    Malformed("warmup-negative", _set("training.warmupSteps", -10), "spec.training.warmupSteps"),
+    Malformed("weight-decay-2", _set("training.weightDecay", 2.0), "spec.training.weightDecay"),
+    Malformed("gpu-count-0", _set("resources.count", 0), "spec.resources.count"),
+    Malformed("cpu-not-a-quantity", _set("resources.cpu", "four"), "spec.resources.cpu"),
+    Malformed("region-uppercase", _set("storage.region", "EU_WEST"), "spec.storage.region"),
+    Malformed("endpoint-ftp", _set("storage.endpoint", "ftp://minio:9000"), "spec.storage.endpoint"),
+    Malformed(
+        "caption-extension-too-long", _set("dataset.captionExtension", ".description"), "spec.dataset.captionExtension"
+    ),
+    Malformed("default-caption-empty", _set("dataset.defaultCaption", ""), "spec.dataset.defaultCaption"),
+    Malformed("backoff-limit-50", _set("runPolicy.backoffLimit", 50), "spec.runPolicy.backoffLimit"),
+    Malformed("dataset-uri-no-bucket", _set("dataset.uri", "s3:///pairs/"), "spec.dataset.uri"),
 ]

@@ -157,6 +157,17 @@ def test_restart_after_a_crash_is_reported() -> None:
     assert after["restarts"] == 1
 
 
+def test_a_restart_waiting_for_the_jobs_backoff_is_one_warning() -> None:
+    """The Job replaces a failed pod only after its backoff: meanwhile the job is Pending/Restarting. That phase
+    change and the restart are one Warning, not a Normal and a Warning with the same reason."""
+    crashed = pod(name="first", phase="Failed", state=terminated(137))
+    previous = desired_status({}, observe(job(active=1), [pod()], {}, suspend=False), job_name="j", generation=1)
+    waiting = desired_status(previous, observe(job(failed=1), [crashed], {}, suspend=False), job_name="j", generation=1)
+    assert waiting["phase"] == "Pending" and waiting["reason"] == "Restarting" and waiting["restarts"] == 1
+    [event] = transitions(previous, waiting)
+    assert event.type == "Warning" and event.reason == "Restarting" and "code 137 (killed)" in event.message
+
+
 def test_suspended_by_the_user_and_by_a_queue() -> None:
     suspended = job([("Suspended", {"message": "Job suspended"})], suspend=True)
     mine = observe(suspended, [], {}, suspend=True)

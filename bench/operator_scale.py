@@ -328,7 +328,16 @@ def main(argv: list[str] | None = None) -> int:
             plane.kubectl(
                 "apply", "--server-side", "-f", str(Path(__file__).parents[1] / "crds" / "kontextlorajob.yaml")
             )
-            plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/kontextlorajobs.kontext-lora.io")
+            # A CRD read before the apiserver filled in its conditions makes kubectl wait fail at once: poll.
+            wait(
+                lambda: plane.kubectl(
+                    "wait", "--for=condition=Established", "--timeout=5s", "crd/kontextlorajobs.kontext-lora.io",
+                    check=False,
+                ).returncode == 0,
+                60,
+                "the CRD to be established",
+                0.5,
+            )  # fmt: skip
             install_deploy_manifests(plane)
             identity = OperatorIdentity.install(plane)
             namespaces = [f"scale-{i}" for i in range(len(phases))]

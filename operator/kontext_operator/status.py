@@ -398,8 +398,19 @@ class Transition:
     message: str
 
 
-# Pending sub-states every job passes through: shown in status, but not worth an Event each.
-QUIET_REASONS = ("Creating", "WaitingForPod", "Scheduling", "Starting", "Running", "Finishing", "Recreating")
+# Pending sub-states every job passes through: shown in status, but not worth an Event each. "Restarting" has its
+# own Warning when the Job counts the failure (below): as a reason it would repeat it, or name a stale count in the
+# moment between a pod's failure and the Job controller counting it (and for a disruption that is never counted).
+QUIET_REASONS = (
+    "Creating",
+    "WaitingForPod",
+    "Scheduling",
+    "Starting",
+    "Running",
+    "Finishing",
+    "Recreating",
+    "Restarting",
+)
 NOTABLE_WARNINGS = ("Unschedulable", "JobMissing", "NameTaken", "CreateFailed", "ReconcileError", "SuspendedByQueue")
 # A trainer container that cannot start (a Secret or key missing, an image that cannot be pulled) waits forever,
 # holding its GPU: as much a warning as a failure, though the kubelet keeps retrying.
@@ -419,18 +430,14 @@ def transitions(current: dict, desired: dict) -> list[Transition]:
     old_phase, new_phase = current.get("phase"), desired.get("phase")
     reason, message = str(desired.get("reason") or new_phase), desired.get("message") or ""
     phase_changed = old_phase != new_phase
-    old_restarts, new_restarts = int(current.get("restarts") or 0), int(desired.get("restarts") or 0)
-    restarted = new_restarts > old_restarts and new_phase != Phase.Failed
     if phase_changed or (current.get("reason") != reason and reason not in QUIET_REASONS):
         warning = new_phase == Phase.Failed or reason in NOTABLE_WARNINGS or reason in CONTAINER_START_FAILURES
         specific = new_phase in (Phase.Failed, Phase.Pending, Phase.Suspended) and reason not in QUIET_REASONS
         event_reason = reason if specific else str(new_phase)
         headline = f"{old_phase or 'New'} -> {new_phase}" if phase_changed else str(new_phase)
-        if restarted and event_reason == "Restarting":
-            # Pending while the Job waits to replace the failed pod: this event is the restart's (one per restart).
-            warning, restarted = True, False
         events.append(Transition("Warning" if warning else "Normal", event_reason, f"{headline}: {message}"))
-    if restarted:
+    old_restarts, new_restarts = int(current.get("restarts") or 0), int(desired.get("restarts") or 0)
+    if new_restarts > old_restarts and new_phase != Phase.Failed:
         restarting = next((c for c in desired.get("conditions", []) if c.get("type") == ConditionType.Restarting), {})
         events.append(
             Transition("Warning", "Restarting", restarting.get("message") or f"trainer restarted ({new_restarts})")

@@ -157,15 +157,28 @@ def test_restart_after_a_crash_is_reported() -> None:
     assert after["restarts"] == 1
 
 
-def test_a_restart_waiting_for_the_jobs_backoff_is_one_warning() -> None:
-    """The Job replaces a failed pod only after its backoff: meanwhile the job is Pending/Restarting. That phase
-    change and the restart are one Warning, not a Normal and a Warning with the same reason."""
-    crashed = pod(name="first", phase="Failed", state=terminated(137))
-    previous = desired_status({}, observe(job(active=1), [pod()], {}, suspend=False), job_name="j", generation=1)
-    waiting = desired_status(previous, observe(job(failed=1), [crashed], {}, suspend=False), job_name="j", generation=1)
-    assert waiting["phase"] == "Pending" and waiting["reason"] == "Restarting" and waiting["restarts"] == 1
-    [event] = transitions(previous, waiting)
-    assert event.type == "Warning" and event.reason == "Restarting" and "code 137 (killed)" in event.message
+def test_one_restarting_warning_per_counted_restart() -> None:
+    """A second crash: the pod fails a moment before the Job controller counts it (the status says Restarting with
+    the old count), then the count arrives. One Warning 'Restarting' for the restart, not one per step."""
+    first = pod(name="first", phase="Failed", state=terminated(137))
+    second = pod(name="second", phase="Failed", created=T1, state=terminated(137))
+    running = desired_status(
+        {},
+        observe(job(active=1, failed=1), [first, pod(name="second", created=T1)], {}, suspend=False),
+        job_name="j",
+        generation=1,
+    )
+    failed = desired_status(
+        running, observe(job(failed=1), [first, second], running, suspend=False), job_name="j", generation=1
+    )
+    counted = desired_status(
+        failed, observe(job(failed=2), [first, second], failed, suspend=False), job_name="j", generation=1
+    )
+    assert failed["reason"] == counted["reason"] == "Restarting" and counted["restarts"] == 2
+    events = transitions(running, failed) + transitions(failed, counted)
+    restarting = [e for e in events if e.reason == "Restarting"]
+    assert len(restarting) == 1 and restarting[0].type == "Warning", events
+    assert "restart 2 of 3" in restarting[0].message and "code 137 (killed)" in restarting[0].message
 
 
 def test_suspended_by_the_user_and_by_a_queue() -> None:

@@ -5,8 +5,8 @@
 
 Both variants train a rank-32 LoRA (the trainer's target modules) on one small `FluxTransformer2DModel` (2 double +
 4 single blocks, hidden 128, 16 latent channels as the real VAE has), fp32 on the CPU (bf16 autocast on x86 CPUs
-without AMX is several times slower than fp32 and not what anybody trains with), batch 1, a 256² target + 256²
-control (256 + 256 image tokens) and 64 T5 tokens, gradient checkpointing on. See `bench/flux.py` for the variants.
+without AMX is several times slower than fp32 and not what anybody trains with), batch 1, a 512² target + 512²
+control (1024 + 1024 image tokens) and 64 T5 tokens, gradient checkpointing on. See `bench/flux.py` for the variants.
 
 1. Step time: one step of each, interleaved (A B B A ...), median ± IQR/2, ratio reference/ours.
 2. Peak memory: each variant alone in its own subprocess; the peak RSS (VmHWM, reset through /proc/self/clear_refs
@@ -43,7 +43,7 @@ from . import flux
 from .harness import Sample, console, interleaved, load_average, machine, print_table, ratio, write_result
 
 RANK = 32
-RESOLUTION = 256
+RESOLUTION = 512  # the smallest resolution the product trains at: ~1 s a step on 2 idle cores
 # The benchmark's model: the tiny model builder's components at a size where a step takes about a second.
 BENCH_MODEL: dict[str, Any] = {
     "hidden_heads": 4,

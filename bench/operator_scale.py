@@ -23,6 +23,7 @@ yardstick; the control plane, KWOK and the operator share the machine's cores, w
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -303,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=900, help="Seconds a phase may take.")
     parser.add_argument("--verbose-operator", action="store_true", help="Run the operator with --verbose.")
     parser.add_argument("--workdir", type=Path, default=None, help="Keep logs and data here (default: a temp dir).")
+    parser.add_argument(
+        "--operator-source",
+        type=Path,
+        default=None,
+        help="Run the operator from another source tree (e.g. `git archive` of an older commit) to compare versions.",
+    )
     parser.add_argument("--json", type=Path, default=None, help="Also write the figures here.")
     return parser
 
@@ -348,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
                     "--from-literal=AWS_ACCESS_KEY_ID=x", "--from-literal=AWS_SECRET_ACCESS_KEY=y",
                 )  # fmt: skip
             operator = OperatorProcess(root=root / "operator", kubeconfig=identity.kubeconfig, namespaces=namespaces)
+            if args.operator_source:
+                source = args.operator_source.resolve()
+                paths = [source / "operator", source / "trainer", source, os.environ.get("PYTHONPATH", "")]
+                os.environ["PYTHONPATH"] = os.pathsep.join(str(p) for p in paths if str(p))
+                result["operator_source"] = str(source)
             if not args.verbose_operator:
                 operator.argv = _without_verbose(operator.argv)  # type: ignore[method-assign]
             operator.start()

@@ -100,20 +100,8 @@ def pod_index(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) ->
 # ---- status: every event of a job, its batch Job or its pods re-derives the status ---------------------------
 
 
-def awaiting_creation(body: Mapping[str, Any]) -> bool:
-    """A new job kopf has not taken on yet (no finalizer): its create handler syncs the status after making the Job.
-
-    Writing the status earlier would change the resourceVersion under kopf's finalizer patch, which then fails
-    its precondition and waits for another watch cycle: at a burst of 100 new jobs that doubled the work.
-    """
-    metadata = body.get("metadata") or {}
-    return not metadata.get("deletionTimestamp") and FINALIZER not in (metadata.get("finalizers") or ())
-
-
 @kopf.on.event(*CR)
-async def klj_event(namespace: str, name: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    if awaiting_creation(body):
-        return
+async def klj_event(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
     await memo.reconciler.sync(namespace, name)
 
 

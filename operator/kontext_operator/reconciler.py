@@ -102,8 +102,6 @@ class Reconciler:
         self._locks: dict[Key, asyncio.Lock] = {}
         self._warned: dict[Key, int | None] = {}
         self._retries: dict[Key, int] = {}
-        # Jobs with a sync waiting for the lock: it reads the indexes only once it runs, so it covers later events.
-        self._queued: set[Key] = set()
         # Per job: (resourceVersion the index had, the object our status patch returned), see `_sync`.
         self._written: dict[Key, tuple[str | None, dict]] = {}
 
@@ -151,16 +149,11 @@ class Reconciler:
         """Bring the operator's status keys up to date. Never raises: a failed sync is retried with a backoff
         (the watch event that would trigger it again may never come)."""
         key = (namespace, name)
-        if key in self._queued:
-            return  # coalesced: the queued sync has not read the indexes yet and will see this event's state
-        self._queued.add(key)
         began = time.perf_counter()
         try:
             async with self._lock(key):
-                self._queued.discard(key)
                 await self._sync(key)
         except Exception as error:
-            self._queued.discard(key)
             RECONCILE_ERRORS.labels("sync").inc()
             attempt = self._retries.get(key, 0)
             self._retries[key] = attempt + 1

@@ -1,6 +1,6 @@
 """CPU training-step benchmark: our `KontextTrainStep` against a plain diffusers-style loop, side by side.
 
-    python -m bench.train_step            # ~5 minutes on 2 cores
+    python -m bench.train_step            # ~7 minutes on 2 cores
     python -m bench.train_step --smoke    # tiny config, seconds (CI)
 
 Both variants train a rank-32 LoRA (the trainer's target modules) on one small `FluxTransformer2DModel` (2 double +

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kontext_trainer.data.synthetic import write_example_pairs
 from safetensors import safe_open
 
 from tests.conftest import Cluster
@@ -28,16 +29,17 @@ from tests.infra.processes import free_port
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.s3, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "jewellery-refining.yaml"
-PAIRS = REPO / "examples" / "pairs"
 STEPS, SAVE_EVERY, KEEP = 30, 10, 2
 
 
-def upload_pairs(minio: MinioServer, bucket: str, prefix: str, control_dir: str, target_dir: str) -> int:
+def upload_pairs(minio: MinioServer, bucket: str, prefix: str, control_dir: str, target_dir: str, scratch: Path) -> int:
+    """The demo's synthetic pairs (generated here: nothing depends on the demo having run), uploaded to MinIO."""
+    pairs = write_example_pairs(scratch / "pairs")
     s3 = minio.client()
-    for source, folder in ((PAIRS / "control", control_dir), (PAIRS / "target", target_dir)):
+    for source, folder in ((pairs / "control", control_dir), (pairs / "target", target_dir)):
         for path in sorted(source.iterdir()):
             s3.upload_file(str(path), bucket, f"{prefix}{folder}/{path.name}")
-    return len(list((PAIRS / "control").iterdir()))
+    return len(list((pairs / "control").iterdir()))
 
 
 def example_for_this_cluster(tmp_path: Path, minio: MinioServer, bucket: str, tiny_model: Path) -> tuple[Path, dict]:
@@ -91,7 +93,7 @@ def test_kubectl_apply_to_lora_in_s3(
     path, job = example_for_this_cluster(tmp_path, minio, bucket, tiny_model)
     name = job["metadata"]["name"]
     dataset = job["spec"]["dataset"]
-    pairs = upload_pairs(minio, bucket, "data/jewellery/", dataset["controlDir"], dataset["targetDir"])
+    pairs = upload_pairs(minio, bucket, "data/jewellery/", dataset["controlDir"], dataset["targetDir"], tmp_path)
     kljs.create_s3_secret(minio.access_key, minio.secret_key)
 
     observer = Observer(kljs, name)

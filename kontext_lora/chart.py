@@ -331,6 +331,7 @@ def build_values_schema(values_text: str) -> dict[str, Any]:
         ("trainer", "workDirSizeLimit"): {**trainer["workDirSizeLimit"], **QUANTITY},
         ("trainer", "podLabels"): trainer["labels"],
         ("trainer", "podAnnotations"): trainer["annotations"],
+        ("trainer", "terminationGracePeriodSeconds"): trainer["terminationGracePeriodSeconds"],
         ("gpuClasses",): config["gpuClasses"],
         # Empty means "AWS S3": the template leaves the key out of the operator config.
         ("storage", "endpoint"): {"type": "string", "pattern": f"^$|{endpoint['pattern']}"},

@@ -39,6 +39,12 @@ class TrainerPodConfig(ApiModel):
     labels: dict[str, str] = Field(default_factory=dict, description="Extra labels on trainer pods.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Extra annotations on trainer pods.")
     priority_class_name: str | None = None
+    termination_grace_period_seconds: int = Field(
+        120,
+        ge=1,
+        description="Seconds a trainer pod has after SIGTERM (deletion, eviction, preemption, drain) to finish its "
+        "step and upload a checkpoint before SIGKILL.",
+    )
 
 
 class OperatorConfig(ApiModel):

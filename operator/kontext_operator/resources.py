@@ -254,6 +254,8 @@ def batch_job(job: KontextLoRAJob, config: OperatorConfig) -> dict[str, Any]:
             }
         },
         "tolerations": [t.to_wire() for t in placement.tolerations],
+        # On SIGTERM the trainer finishes its step and saves a checkpoint; this is the time it gets to upload it.
+        "terminationGracePeriodSeconds": config.trainer.termination_grace_period_seconds,
         "containers": [container],
         "volumes": [
             {"name": "work", "emptyDir": {"sizeLimit": config.trainer.work_dir_size_limit}},

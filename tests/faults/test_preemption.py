@@ -1,9 +1,11 @@
 """Preemption: one real training job, its trainer killed five times at seeded-random steps — SIGKILL of the process
 by the node (OOM kill, node loss), `kubectl delete pod` (graceful and forced) and an eviction through the API (the
 way preemption and node drains remove pods). Each time the Job starts a new pod, the trainer resumes from the newest
-complete checkpoint in S3 and loses at most `saveEvery` steps; the job finishes with the final LoRA and exactly
-`keep` complete checkpoints, nothing half-written, and `status.restarts` counting the failures that spend
-backoffLimit (evictions carry the DisruptionTarget condition and do not)."""
+complete checkpoint in S3 and loses at most `saveEvery` steps — none at all when it was stopped gracefully (SIGTERM
+with the pod's 120 s grace period: it saves a checkpoint at the step reached, reports it in the status and exits
+143). The job finishes with the final LoRA and exactly `keep` complete checkpoints, nothing half-written, and
+`status.restarts` counting the failures that spend backoffLimit (evictions carry the DisruptionTarget condition and
+do not). A forced deletion gives the trainer 1 s of SIGTERM, as a kubelet does: it may or may not save."""
 
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.s3, pytest.mark.e2e, pytest.mark.
 STEPS, SAVE_EVERY, KEEP = 32, 4, 2
 KILLS = ("sigkill", "sigkill", "delete", "force-delete", "evict")
 COUNTED = {"sigkill", "delete", "force-delete"}  # failures that spend backoffLimit (evict: DisruptionTarget -> Ignore)
+GRACEFUL = {"delete", "evict"}  # SIGTERM with the pod's terminationGracePeriodSeconds: a checkpoint, no step lost
 
 
 class ConcurrentTrainers(threading.Thread):
@@ -136,6 +139,7 @@ def test_five_kills_at_random_steps_lose_at_most_save_every_each(
         # The last step the metrics endpoint showed, or later: a checkpoint's files (even partial) mean its step
         # was done (a graceful deletion's SIGTERM lands a moment after the kill was asked for).
         kill_step = max(last_seen, kill_at, *at_kill.files)
+        saved = f"stopped by SIGTERM after step {kill_step}/{STEPS}: checkpoint" in agent.pod_log(kljs.namespace, pod)
         kills.append(
             {
                 "kind": kind,
@@ -143,8 +147,15 @@ def test_five_kills_at_random_steps_lose_at_most_save_every_each(
                 "kill_step": kill_step,
                 "newest_complete_at_kill": at_kill.newest_complete,
                 "partial_at_kill": at_kill.partial,
+                "saved_on_sigterm": saved,
             }
         )
+        if kind in GRACEFUL:
+            # The trainer saved the step it reached and reported it before exiting (the next pod is >= 10 s away).
+            assert saved and at_kill.newest_complete == kill_step, (kind, kill_step, at_kill, last_seen)
+            reported = kljs.status(name)
+            assert reported["step"] == kill_step, reported
+            assert f"/checkpoints/step-{kill_step:06d}/" in reported["lastCheckpoint"], reported
         print(f"{kind} of {pod} at step {kill_step}: complete {at_kill.complete}, partial {at_kill.partial}")
 
     # The sixth pod resumes once more and finishes.
@@ -163,6 +174,8 @@ def test_five_kills_at_random_steps_lose_at_most_save_every_each(
     for kill in kills:
         assert kill["resume_step"] == kill["newest_complete_at_kill"], f"resumed elsewhere than the newest: {kill}"
         assert 0 <= kill["lost_steps"] <= SAVE_EVERY, f"lost more than saveEvery: {kill}"
+        if kill["kind"] in GRACEFUL:
+            assert kill["lost_steps"] == 0, f"a graceful stop lost steps: {kill}"
 
     # Finished, with exactly `keep` complete checkpoints, the LoRA, and nothing half-written.
     final = checkpoints(client, fault_bucket, prefix)
@@ -192,6 +205,7 @@ def test_five_kills_at_random_steps_lose_at_most_save_every_each(
         keep=KEEP,
         lost_steps_total=sum(k["lost_steps"] for k in kills),
         lost_steps_max=max(k["lost_steps"] for k in kills),
+        lost_steps_graceful=[k["lost_steps"] for k in kills if k["kind"] in GRACEFUL],
         restarts=status["restarts"],
         counted_failures=counted,
         checkpoints_kept=final.complete,

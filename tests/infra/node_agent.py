@@ -14,7 +14,8 @@ and watches the pods the real scheduler binds to it. For each pod it does what a
 - status: Running with the container state, then Succeeded/Failed with the exit code and the termination
   message, read from `$KONTEXT_LORA_TERMINATION_LOG` (the pod's `terminationMessagePath` mapped to a file;
   FallbackToLogsOnError uses the log tail);
-- deletion: SIGTERM, SIGKILL after the grace period, terminal status, then the final delete.
+- deletion: SIGTERM, SIGKILL after the grace period (the pod's `deletionGracePeriodSeconds`; a forced deletion's 0
+  becomes 1 s, as on a kubelet), terminal status, then the final delete.
 
 `kill_pod()` SIGKILLs a pod's process (node failure / OOM for the fault-injection tests). Runs in threads of the
 test process; logs of each pod's process are in `root/pods/<namespace>_<name>/log`.
@@ -280,7 +281,11 @@ class NodeAgent:
                 return
             if not running.terminating:
                 running.terminating = True
-                running.grace_seconds = int(metadata.get("deletionGracePeriodSeconds") or running.grace_seconds)
+                grace = metadata.get("deletionGracePeriodSeconds")
+                if grace is None:
+                    grace = pod["spec"].get("terminationGracePeriodSeconds", running.grace_seconds)
+                # The kubelet's calculateEffectiveGracePeriod: `--grace-period=0 --force` still gets 1 s of SIGTERM.
+                running.grace_seconds = max(int(grace), 1)
                 threading.Thread(target=self._terminate, args=(running,), daemon=True).start()
             return
         if running is None and status.get("phase") not in ("Succeeded", "Failed"):

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
-from .helpers import TRAINER_THREADS
+from .helpers import RESUME_STEPS, TRAINER_THREADS, job_document, run_cli, trainer_env, write_job
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -31,3 +32,27 @@ def pairs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from kontext_trainer.data.synthetic import write_example_pairs
 
     return write_example_pairs(tmp_path_factory.mktemp("pairs"), count=6)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_lora(
+    tiny_model: Path, pairs_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, torch.Tensor]:
+    """The final LoRA of `job_document` with RESUME_STEPS steps trained in one go: what a run killed or stopped and
+    then resumed must end with. One reference for every such test, whatever its `saveEvery`/`keep`: batches and
+    noise are functions of the seed and step, and a checkpoint saves the state without changing it."""
+    import safetensors.torch
+
+    root = tmp_path_factory.mktemp("uninterrupted")
+    document = job_document(
+        "uninterrupted",
+        f"file://{tiny_model}",
+        f"file://{pairs_dir}/",
+        f"file://{root}/out/",
+        training={"steps": RESUME_STEPS},
+    )
+    job = write_job(root / "job.yaml", document)
+    env = trainer_env(KONTEXT_LORA_PREVIEW_STEPS="0")
+    finished = run_cli(["train", str(job), "--work-dir", str(root / "work")], env, root / "train.log")
+    assert finished.code == 0, finished.output[-4000:]
+    return safetensors.torch.load_file(root / "out" / "uninterrupted.safetensors")

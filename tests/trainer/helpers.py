@@ -7,21 +7,28 @@ Runs go through the real `kontext-lora` command in a subprocess wherever the beh
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[2]
 KONTEXT_LORA = str(Path(sys.executable).with_name("kontext-lora"))
 # One thread per trainer: the tiny model's matrices are too small for a second thread to pay off much, and on
 # a machine shared with other test runs two spinning OpenMP threads per process slow everything down ~2.5x.
 TRAINER_THREADS = "1"
+# Steps of the runs that are killed or stopped and resumed; conftest.uninterrupted_lora trains them in one go.
+RESUME_STEPS = 12
 
 
 def job_document(name: str, base: str, dataset: str, output: str, **spec: Any) -> dict[str, Any]:
@@ -110,3 +117,58 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval:
             return
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def checkpoint_files(keys: list[str], prefix: str) -> dict[int, set[str]]:
+    """{step: file names} of the checkpoint folders among `keys` (an S3 listing under `prefix`)."""
+    found: dict[int, set[str]] = {}
+    for key in keys:
+        match = re.fullmatch(rf"{re.escape(prefix)}checkpoints/step-(\d+)/(.+)", key)
+        if match:
+            found.setdefault(int(match.group(1)), set()).add(match.group(2))
+    return found
+
+
+def metrics_step(port: int) -> int | None:
+    """The step a trainer's /metrics shows (0 before the first step); None while it does not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as response:
+            text = response.read().decode()
+    except (OSError, ValueError):
+        return None
+    match = re.search(r"^kontext_train_step\{[^}]*\} (\S+)$", text, re.MULTILINE)
+    return int(float(match.group(1))) if match else None
+
+
+def wait_for_step(process: subprocess.Popen, port: int, minimum: int, timeout: float = 300) -> int:
+    """Wait until the trainer's /metrics shows at least `minimum` steps; the step seen. Fails if it exits first."""
+    seen: list[int] = []
+
+    def reached() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"the trainer exited with {process.returncode} before step {minimum}")
+        step = metrics_step(port)
+        if step is not None and step >= minimum:
+            seen.append(step)
+            return True
+        return False
+
+    wait_for(reached, timeout, f"step {minimum} on the trainer's metrics", interval=0.02)
+    return seen[0]
+
+
+def download_lora(client, bucket: str, key: str, folder: Path) -> dict[str, torch.Tensor]:
+    import safetensors.torch
+
+    path = folder / key.replace("/", "_")
+    client.download_file(bucket, key, str(path))
+    return safetensors.torch.load_file(path)
+
+
+def assert_same_lora(resumed: dict[str, torch.Tensor], uninterrupted: dict[str, torch.Tensor]) -> None:
+    """Equal to 1e-6: a resumed run is the uninterrupted run."""
+    import torch
+
+    assert resumed.keys() == uninterrupted.keys()
+    for key in resumed:
+        torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=1e-6)

@@ -2,30 +2,38 @@
 
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
 from pathlib import Path
 
-import safetensors.torch
 import torch
 
-from .helpers import KONTEXT_LORA, job_document, run_cli, s3_keys, trainer_env, upload_tree, wait_for, write_job
+from .helpers import (
+    KONTEXT_LORA,
+    RESUME_STEPS,
+    assert_same_lora,
+    checkpoint_files,
+    download_lora,
+    job_document,
+    run_cli,
+    s3_keys,
+    trainer_env,
+    upload_tree,
+    wait_for,
+    write_job,
+)
 
-STEPS, SAVE_EVERY, KEEP = 12, 3, 2
-
-
-def _checkpoints(keys: list[str], prefix: str) -> dict[int, set[str]]:
-    found: dict[int, set[str]] = {}
-    for key in keys:
-        match = re.fullmatch(rf"{prefix}checkpoints/step-(\d+)/(.+)", key)
-        if match:
-            found.setdefault(int(match.group(1)), set()).add(match.group(2))
-    return found
+STEPS, SAVE_EVERY, KEEP = RESUME_STEPS, 3, 2
 
 
 def test_sigkill_then_restart_resumes_from_the_newest_complete_checkpoint(
-    minio, bucket: str, s3_env: dict, tiny_model: Path, pairs_dir: Path, tmp_path: Path
+    minio,
+    bucket: str,
+    s3_env: dict,
+    tiny_model: Path,
+    pairs_dir: Path,
+    tmp_path: Path,
+    uninterrupted_lora: dict[str, torch.Tensor],
 ) -> None:
     client = minio.client()
     upload_tree(client, bucket, pairs_dir, "pairs/")
@@ -61,7 +69,7 @@ def test_sigkill_then_restart_resumes_from_the_newest_complete_checkpoint(
             process.wait(timeout=30)
     killed_log = (tmp_path / "killed.log").read_text()
     assert process.returncode == -signal.SIGKILL, f"the trainer ended before the kill:\n{killed_log[-3000:]}"
-    at_kill = _checkpoints(s3_keys(client, bucket, "out/"), "out/")
+    at_kill = checkpoint_files(s3_keys(client, bucket, "out/"), "out/")
     complete = sorted(step for step, files in at_kill.items() if "COMPLETE" in files)
     assert complete and 6 <= complete[-1] < STEPS
     assert "out/resume.safetensors" not in s3_keys(client, bucket, "out/")
@@ -75,7 +83,7 @@ def test_sigkill_then_restart_resumes_from_the_newest_complete_checkpoint(
     assert f"removing incomplete checkpoint s3://{bucket}/out/checkpoints/step-000012/" in restarted.output
 
     keys = s3_keys(client, bucket, "out/")
-    final = _checkpoints(keys, "out/")
+    final = checkpoint_files(keys, "out/")
     expected_files = {"COMPLETE", "training_state.pt", "validation.json"}
     assert sorted(final) == [STEPS - SAVE_EVERY, STEPS], keys
     for step, files in final.items():
@@ -84,18 +92,7 @@ def test_sigkill_then_restart_resumes_from_the_newest_complete_checkpoint(
     assert sorted(p.name for p in (work / "checkpoints").iterdir()) == [f"step-{s:06d}" for s in sorted(final)]
 
     # Resuming is exact: the same run without the kill ends with the same LoRA.
-    straight = run_cli(["train", str(job("straight")), "--work-dir", str(tmp_path / "work2")], env, tmp_path / "s.log")
-    assert straight.code == 0, straight.output[-4000:]
-    resumed_lora = _download(client, bucket, "out/resume.safetensors", tmp_path / "resumed.safetensors")
-    straight_lora = _download(client, bucket, "straight/resume.safetensors", tmp_path / "straight.safetensors")
-    assert resumed_lora.keys() == straight_lora.keys()
-    for key in resumed_lora:
-        torch.testing.assert_close(resumed_lora[key], straight_lora[key], rtol=0, atol=1e-6)
-
-
-def _download(client, bucket: str, key: str, path: Path) -> dict[str, torch.Tensor]:
-    client.download_file(bucket, key, str(path))
-    return safetensors.torch.load_file(path)
+    assert_same_lora(download_lora(client, bucket, "out/resume.safetensors", tmp_path), uninterrupted_lora)
 
 
 def test_checkpoints_of_a_differently_shaped_lora_are_refused_not_mixed(

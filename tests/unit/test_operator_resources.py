@@ -101,6 +101,16 @@ def test_job_spec_retries_deadline_suspend_and_failure_policy() -> None:
     assert "ttlSecondsAfterFinished" not in spec, "the KontextLoRAJob's TTL removes the Job with it"
 
 
+def test_trainer_pod_gets_time_to_checkpoint_on_sigterm() -> None:
+    """The trainer saves a checkpoint on SIGTERM (exit 143, not a FailJob code): the grace period is its upload time."""
+    pod = resources.batch_job(make_job(), OperatorConfig())["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 120
+    config = OperatorConfig.model_validate({"trainer": {"terminationGracePeriodSeconds": 600}})
+    assert resources.batch_job(make_job(), config)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 600
+    rules = resources.pod_failure_policy()["rules"]
+    assert 143 not in rules[0]["onExitCodes"]["values"], "a stopped trainer is retried, never failed for good"
+
+
 def test_env_follows_the_contract_and_credentials_come_from_the_secret() -> None:
     job = make_job(storage={"endpoint": "http://minio:9000", "region": "eu-west-1", "credentialsSecret": "s3"})
     env = env_of(resources.batch_job(job, OperatorConfig()))

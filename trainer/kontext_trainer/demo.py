@@ -95,13 +95,21 @@ def run_demo(work_dir: Path, job_file: Path = DEMO_JOB) -> int:
     job.spec.dataset.uri = pairs.as_uri()
     job.spec.output.uri = output.as_uri() + "/"
     work_dir.mkdir(parents=True, exist_ok=True)
-    (work_dir / "job.yaml").write_text(yaml.safe_dump(job.to_wire(), sort_keys=False))
+    job_as_run = work_dir / "job.yaml"
+    job_as_run.write_text(yaml.safe_dump(job.to_wire(), sort_keys=False))
+    resume = f"kontext-lora train {job_as_run} --work-dir {work_dir}"
     console.print(
         f"[bold]kontext-lora demo[/]: {job.spec.training.steps} steps of LoRA training on the example pairs in "
         f"{pairs}\nwith the tiny FLUX.1-Kontext model in {model} (CPU, {job.spec.model.dtype.value})\n"
     )
 
-    code, result = execute(job, settings)
+    code, result = execute(job, settings, resume_hint=f"`{resume}` resumes")
+    if code in (ExitCode.INTERRUPTED, ExitCode.TERMINATED):
+        console.print(
+            f"[yellow]demo stopped[/] (exit code {int(code)}): resume it from its newest checkpoint with\n"
+            f"  {resume}\n(`kontext-lora demo` starts over)"
+        )
+        return code
     if result is None:
         console.print(f"[red]demo failed[/] (exit code {int(code)}); see the log above")
         return code
@@ -122,7 +130,7 @@ def run_demo(work_dir: Path, job_file: Path = DEMO_JOB) -> int:
     console.print(
         f"held-out loss: {before} before training -> {after} after {result.total_steps} steps\n"
         f"time: {result.seconds:.0f} s in all, {mean_step * 1000:.0f} ms per training step\n"
-        f"the job as run: {work_dir / 'job.yaml'} (kontext-lora train {work_dir / 'job.yaml'} resumes it)\n"
+        f"the job as run: {job_as_run} (kontext-lora train {job_as_run} resumes it)\n"
     )
     console.print(f"[bold green]LoRA:[/] {_path(result.lora_uri)}")
     return ExitCode.OK

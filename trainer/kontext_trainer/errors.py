@@ -10,7 +10,8 @@ class ExitCode(IntEnum):
     CRASH = 1  # anything unexpected: the operator retries up to backoffLimit
     INVALID_INPUT = 2  # dataset, spec or model unusable: retrying cannot help
     STORAGE_UNREACHABLE = 3  # object storage failed after the trainer's own bounded retries
-    INTERRUPTED = 130
+    INTERRUPTED = 130  # SIGINT (Ctrl-C): 128 + 2; a checkpoint was saved when training had started
+    TERMINATED = 143  # SIGTERM (pod deleted, evicted, preempted): 128 + 15; likewise. The Job's next pod resumes
 
 
 class TrainerError(Exception):

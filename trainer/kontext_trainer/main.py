@@ -1,7 +1,8 @@
 """`kontext-lora train`: read the job, run it, turn the outcome into the exit codes of docs/architecture.md.
 
 0 LoRA uploaded; 2 invalid input (dataset, spec, model, incompatible checkpoints: no retry helps);
-3 storage unreachable after bounded retries; 1 anything else (the operator retries, resuming from the newest
+3 storage unreachable after bounded retries; 143 stopped by SIGTERM (130: SIGINT), with a checkpoint at the step
+reached once training had started (signals.py); 1 anything else (the operator retries, resuming from the newest
 checkpoint). Before a non-zero exit the reason goes to the termination-message file, credentials redacted.
 """
 
@@ -18,8 +19,9 @@ import torch
 from kontext_lora.api import InvalidJobError, KontextLoRAJob, load_job_file, parse_job
 
 from .errors import ExitCode, InvalidInputError, TrainerError
-from .logs import redact, setup_logging
+from .logs import fields, redact, setup_logging
 from .settings import TrainerSettings, available_cpus
+from .signals import Interrupted, StopSignals
 
 if TYPE_CHECKING:
     from .train import RunResult
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 
 JOB_ENV = "KONTEXT_LORA_JOB"
 TERMINATION_MESSAGE_LIMIT = 4096  # what the kubelet keeps of the termination message
+RESUME_LOCALLY = "run the same command again to resume"
+RESUME_IN_CLUSTER = "the Job's next pod resumes"
 
 
 def load_job(job_file: Path | None, from_env: bool) -> KontextLoRAJob:
@@ -88,22 +92,51 @@ def run_training(
         return _fail(settings, ExitCode.INVALID_INPUT, str(error))
     except TrainerError as error:
         return _fail(settings, error.exit_code, str(error))
-    return execute(job, settings)[0]
+    return execute(job, settings, resume_hint=RESUME_IN_CLUSTER if from_env else RESUME_LOCALLY)[0]
 
 
-def execute(job: KontextLoRAJob, settings: TrainerSettings) -> tuple[ExitCode, RunResult | None]:
-    """Run a parsed job; (exit code, result when it succeeded). Expected failures are logged, never raised."""
+def execute(
+    job: KontextLoRAJob, settings: TrainerSettings, resume_hint: str = RESUME_LOCALLY
+) -> tuple[ExitCode, RunResult | None]:
+    """Run a parsed job; (exit code, result when it succeeded). Expected failures are logged, never raised.
+
+    SIGTERM and SIGINT stop the run with a checkpoint at the step reached (signals.py); `resume_hint` ends the
+    message saying so ("run the same command again to resume").
+    """
     from .train import TrainingRun  # imported here so argument errors do not pay for torch's heavy imports
 
+    def on_abort(message: str) -> None:
+        log.error("%s", message)
+        write_termination_message(settings.termination_log, message)
+
+    stop = StopSignals(on_abort=on_abort)
     try:
-        return ExitCode.OK, TrainingRun(job, settings).run()
+        with stop.installed():
+            result = TrainingRun(job, settings, stop).run()
+        return ExitCode.OK, result
+    except Interrupted as interrupted:
+        return _interrupted(settings, interrupted, resume_hint), None
     except TrainerError as error:
         return _fail(settings, error.exit_code, str(error)), None
-    except KeyboardInterrupt:
-        return _fail(settings, ExitCode.INTERRUPTED, "interrupted"), None
+    except KeyboardInterrupt:  # SIGINT where the handlers could not be installed (not the main thread)
+        return _fail(settings, ExitCode.INTERRUPTED, "interrupted (SIGINT) without a checkpoint"), None
     except Exception as error:
         log.exception("training failed")
         return _fail(settings, ExitCode.CRASH, f"trainer crashed: {type(error).__name__}: {error}"), None
+
+
+def _interrupted(settings: TrainerSettings, interrupted: Interrupted, resume_hint: str) -> ExitCode:
+    if interrupted.checkpoint is not None:
+        message = f"{interrupted.describe()}; {resume_hint} from it"
+    else:
+        message = f"{interrupted.describe()}; {resume_hint} from the newest complete checkpoint"
+    log.warning(
+        "%s",
+        message,
+        **fields(signal=interrupted.signal_name, step=interrupted.step, checkpoint=interrupted.checkpoint),
+    )
+    write_termination_message(settings.termination_log, message)
+    return ExitCode(interrupted.exit_code)
 
 
 def _fail(settings: TrainerSettings, code: ExitCode, message: str) -> ExitCode:

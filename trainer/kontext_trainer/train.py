@@ -4,6 +4,8 @@ Downloading: check storage, list + validate + fetch the pairs, resolve the model
 resume from. Training: encode the dataset once (text encoders then leave memory), load the transformer, add
 the LoRA, run the optimiser steps with checkpoints (LoRA + resumable state + held-out loss + preview) every
 `saveEvery` steps and at the end, rotating old ones. Uploading: the final `<name>.safetensors`. Done.
+SIGTERM/SIGINT during training: the step in progress finishes, a checkpoint is saved at it, `Interrupted` is raised
+(signals.py); before training they stop the run at once.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from .checkpoints import (
     CheckpointStore,
     StoredCheckpoint,
     lora_file_name,
+    step_prefix,
 )
 from .data.dataset import TrainingPair, prepare_dataset
 from .encoding import DatasetEncoder, EncodedPair, batch_inputs
@@ -50,6 +53,7 @@ from .model.lora import TARGET_PATTERNS, add_lora, export_lora, lora_weights, re
 from .model.source import resolve_model_dir
 from .progress import KubernetesStatusSink, ProgressTracker, StatusReporter
 from .settings import TrainerSettings
+from .signals import StopSignals
 from .storage import Location, S3Settings, Storage, open_storage
 from .train_step import (
     KontextTrainStep,
@@ -63,6 +67,8 @@ from .validation import HeldOutSet
 log = logging.getLogger(__name__)
 
 STATE_FORMAT = 1
+# How long the last status report may take at exit: normally, and after a stop signal (the grace period runs).
+STATUS_FLUSH_SECONDS, STATUS_FLUSH_SECONDS_STOPPING = 30.0, 10.0
 
 
 @dataclass
@@ -90,8 +96,9 @@ def split_held_out(pairs: list[TrainingPair], wanted: int, seed: int) -> tuple[l
 
 
 class TrainingRun:
-    def __init__(self, job: KontextLoRAJob, settings: TrainerSettings):
+    def __init__(self, job: KontextLoRAJob, settings: TrainerSettings, stop: StopSignals | None = None):
         self.job = job
+        self.stop = stop or StopSignals()  # not installed: never requested
         self.spec = job.spec
         self.settings = settings
         self.name = self.spec.output.name or job.metadata.name
@@ -117,7 +124,7 @@ class TrainingRun:
         try:
             return self._run(started)
         finally:
-            self.status.close()
+            self.status.close(STATUS_FLUSH_SECONDS_STOPPING if self.stop.requested else STATUS_FLUSH_SECONDS)
             self.metrics.close()
 
     def _stage(self, stage: Stage, **extra: Any) -> None:
@@ -130,20 +137,24 @@ class TrainingRun:
         downloaded = self._download()
         self._stage(Stage.Training, step=0, total_steps=downloaded.total_steps)
         ctx, step_fn, train_set = self._prepare(downloaded)
-        step_seconds = self._train(ctx, step_fn, train_set)
-
-        self._stage(Stage.Uploading)
-        lora_uri = self._upload_final(ctx, downloaded.output)
-        records = self._sorted_records()
-        last_validation = records[-1].validation_loss if records else None
-        self._stage(
-            Stage.Done,
-            lora_uri=lora_uri,
-            step=ctx.total_steps,
-            progress_percentage=100,
-            eta_seconds=0,
-            **self._checkpoint_fields(),
-        )
+        # From the first step on, a stop signal waits for a safe point (signals.py).
+        with self.stop.deferred("finishing the step in progress, then saving a checkpoint and exiting"):
+            step_seconds = self._train(ctx, step_fn, train_set)
+            with self.stop.deferred("training is complete: finishing the final upload"):
+                self._stage(Stage.Uploading)
+                lora_uri = self._upload_final(ctx, downloaded.output)
+                records = self._sorted_records()
+                last_validation = records[-1].validation_loss if records else None
+                self._stage(
+                    Stage.Done,
+                    lora_uri=lora_uri,
+                    step=ctx.total_steps,
+                    progress_percentage=100,
+                    eta_seconds=0,
+                    **self._checkpoint_fields(),
+                )
+        if self.stop.requested:
+            log.info("%s arrived after the last step: the run was finished first", self.stop.name)
         log.info(
             "LoRA written to %s (held-out loss %s -> %s)",
             lora_uri,
@@ -337,8 +348,14 @@ class TrainingRun:
                             step_seconds=elapsed,
                         ),
                     )
-                if step % spec.checkpoints.save_every == 0 or step == ctx.total_steps:
-                    self._save_checkpoint(ctx, step)
+                # Asked to stop: save this step (quickly) and exit, unless it is the last (the run just finishes).
+                # A signal arriving during a regular save lets that save finish, then exits too.
+                due = step % spec.checkpoints.save_every == 0 or step == ctx.total_steps
+                stopping = self.stop.requested and step < ctx.total_steps
+                if stopping or due:
+                    checkpoint = self._save_checkpoint(ctx, step, stopped_by=self.stop.name if stopping else None)
+                    if step < ctx.total_steps and self.stop.requested:
+                        raise self.stop.interrupted(step=step, total_steps=ctx.total_steps, checkpoint=checkpoint)
         return step_seconds
 
     # ---- checkpoints ---------------------------------------------------------------------------------------
@@ -370,17 +387,26 @@ class TrainingRun:
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
 
-    def _save_checkpoint(self, ctx: _RunContext, step: int) -> None:
+    def _save_checkpoint(self, ctx: _RunContext, step: int, stopped_by: str | None = None) -> str:
+        """Save, publish and rotate the checkpoint of `step`; its URI. `stopped_by` (a signal's name): the trainer
+        is exiting within the pod's grace period, so the held-out loss and the preview are skipped."""
+        with self.stop.deferred("finishing the checkpoint being saved first"):
+            return self._write_checkpoint(ctx, step, stopped_by)
+
+    def _write_checkpoint(self, ctx: _RunContext, step: int, stopped_by: str | None) -> str:
         spec, settings = self.spec, self.settings
         began = time.monotonic()
         unwrapped = ctx.accelerator.unwrap_model(ctx.transformer)
         staging = ctx.store.staging_dir(step)
-        validation = ctx.held_out.loss(ctx.transformer, ctx.accelerator, spec.training.guidance_scale)
+        validation = None
+        if stopped_by is None:
+            validation = ctx.held_out.loss(ctx.transformer, ctx.accelerator, spec.training.guidance_scale)
+        metadata = self._lora_metadata(step, ctx.total_steps, validation, ctx.baseline)
         export_lora(
             unwrapped,
             staging / lora_file_name(self.name, step),
             TORCH_DTYPES[spec.model.dtype],
-            self._lora_metadata(step, ctx.total_steps, validation, ctx.baseline),
+            {**metadata, "stopped_by": stopped_by},
         )
         torch.save(
             {
@@ -403,7 +429,7 @@ class TrainingRun:
             staging / STATE_FILE,
         )
         preview = None
-        if ctx.scheduler_config is not None:
+        if ctx.scheduler_config is not None and stopped_by is None:
             preview = ctx.held_out.preview(
                 unwrapped,
                 ctx.latent_encoder.vae,
@@ -426,6 +452,14 @@ class TrainingRun:
                     "heldOutPairs": [p.pair.stem for p in ctx.held_out.pairs],
                     "timesteps": [round(float(t), 6) for t in ctx.held_out.sigmas],
                     "time": now.isoformat(timespec="seconds"),
+                    **(
+                        {
+                            "stoppedBy": stopped_by,
+                            "note": f"saved on {stopped_by} before exiting: held-out loss and preview skipped",
+                        }
+                        if stopped_by
+                        else {}
+                    ),
                 },
                 indent=2,
             )
@@ -434,7 +468,7 @@ class TrainingRun:
         ctx.store.publish(step, staging)
         kept, deleted = ctx.store.rotate()
         storage = ctx.store.storage
-        prefix = f"checkpoints/step-{step:06d}/"
+        prefix = step_prefix(step)
         self.records[step] = CheckpointRecord(
             step=step,
             uri=storage.uri(prefix + lora_file_name(self.name, step)),
@@ -449,14 +483,21 @@ class TrainingRun:
             self.metrics.validation_loss.set(validation)
         self.status.update(force=True, **self._checkpoint_fields())
         log.info(
-            "checkpoint step %d saved to %s (held-out loss %s, %.1fs)%s",
+            "checkpoint step %d saved to %s (%s, %.1fs)%s",
             step,
             storage.uri(prefix),
-            _fmt(validation),
+            f"on {stopped_by}: no held-out loss or preview" if stopped_by else f"held-out loss {_fmt(validation)}",
             time.monotonic() - began,
             f"; rotated out steps {deleted}" if deleted else "",
-            **fields(step=step, checkpoint=storage.uri(prefix), validation_loss=validation, rotated_out=deleted),
+            **fields(
+                step=step,
+                checkpoint=storage.uri(prefix),
+                validation_loss=validation,
+                rotated_out=deleted,
+                **({"stopped_by": stopped_by} if stopped_by else {}),
+            ),
         )
+        return storage.uri(prefix)
 
     def _sorted_records(self) -> list[CheckpointRecord]:
         return [self.records[s] for s in sorted(self.records)]

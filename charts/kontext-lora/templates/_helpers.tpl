@@ -68,6 +68,7 @@ app.kubernetes.io/component: operator
   "imagePullSecrets" .Values.trainer.imagePullSecrets
   "metricsPort" .Values.trainer.metricsPort
   "workDirSizeLimit" .Values.trainer.workDirSizeLimit
+  "terminationGracePeriodSeconds" .Values.trainer.terminationGracePeriodSeconds
   "labels" .Values.trainer.podLabels
   "annotations" .Values.trainer.podAnnotations }}
 {{- with .Values.trainer.priorityClassName }}

@@ -335,16 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             plane.kubectl(
                 "apply", "--server-side", "-f", str(Path(__file__).parents[1] / "crds" / "kontextlorajob.yaml")
             )
-            # A CRD read before the apiserver filled in its conditions makes kubectl wait fail at once: poll.
-            wait(
-                lambda: plane.kubectl(
-                    "wait", "--for=condition=Established", "--timeout=5s", "crd/kontextlorajobs.kontext-lora.io",
-                    check=False,
-                ).returncode == 0,
-                60,
-                "the CRD to be established",
-                0.5,
-            )  # fmt: skip
+            plane.wait_established("kontextlorajobs.kontext-lora.io")
             install_deploy_manifests(plane)
             identity = OperatorIdentity.install(plane)
             namespaces = [f"scale-{i}" for i in range(len(phases))]

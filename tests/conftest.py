@@ -44,7 +44,7 @@ class Cluster:
 
     def install_crd(self) -> None:
         self.kubectl("apply", "--server-side", "-f", str(CRD_PATH))
-        self.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/kontextlorajobs.kontext-lora.io")
+        self.plane.wait_established("kontextlorajobs.kontext-lora.io")
 
 
 @pytest.fixture(scope="session")

@@ -264,7 +264,7 @@ def test_every_rendered_manifest_passes_a_server_side_dry_run(
     for path in [*monitoring_crds(), CHART / "crds" / "kopf-peering.yaml"]:
         for document in yaml.safe_load_all(path.read_text()):
             if document:
-                cluster.kubectl("wait", "--for=condition=Established", f"crd/{document['metadata']['name']}")
+                cluster.plane.wait_established(document["metadata"]["name"])
     release_ns, *watched = namespaces
     for values in (_everything(watched), _everything([]), {"operator": {"replicas": 2, "peering": {"enabled": True}}}):
         text = helm.template_text(values, "dry", release_ns, "--include-crds").stdout
@@ -279,7 +279,7 @@ def test_every_rendered_manifest_passes_a_server_side_dry_run(
 
 def test_rbac_scope_classification_matches_the_apiserver(cluster: Cluster) -> None:
     cluster.kubectl("apply", "--server-side", "-f", str(CHART / "crds" / "kopf-peering.yaml"))
-    cluster.kubectl("wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev")
+    cluster.plane.wait_established("clusterkopfpeerings.kopf.dev")
     cluster.install_crd()
     cluster_scoped = set(cluster.kubectl("api-resources", "--namespaced=false", "-o", "name").stdout.split())
     for rule in OPERATOR_RULES:

@@ -218,6 +218,20 @@ class ControlPlane:
             raise KubectlError(result.returncode, argv, result.stdout, result.stderr)
         return result
 
+    def wait_established(self, crd: str, timeout: float = 60) -> None:
+        """Wait for a CRD's Established condition. Not `kubectl wait --for=condition=Established`: right after the
+        create the CRD has no conditions yet, and kubectl then fails ("status.conditions accessor error: <nil>")
+        instead of waiting (seen once in this suite)."""
+        deadline = time.monotonic() + timeout
+        jsonpath = '{.status.conditions[?(@.type=="Established")].status}'
+        while True:
+            result = self.kubectl("get", f"crd/{crd}", "-o", f"jsonpath={jsonpath}", check=False)
+            if result.returncode == 0 and result.stdout.strip() == "True":
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"CRD {crd} not Established after {timeout:.0f} s: {result.stdout}{result.stderr}")
+            time.sleep(0.1)
+
     def stop(self) -> None:
         for process in reversed(self.processes):
             process.stop()

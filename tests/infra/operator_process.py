@@ -63,7 +63,7 @@ class OperatorIdentity:
 def install_deploy_manifests(plane: ControlPlane) -> None:
     """The admission policy and kopf's peering CRDs + the ClusterKopfPeering, as the chart installs them."""
     plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(DEPLOY / "kopf-peering-crds.yaml"))
-    plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/clusterkopfpeerings.kopf.dev")
+    plane.wait_established("clusterkopfpeerings.kopf.dev")
     plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(DEPLOY / "kopf-peering.yaml"))
     plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(DEPLOY / "admission-policy.yaml"))
 

@@ -32,6 +32,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from kontext_trainer import flux_math
 from kontext_trainer.model.lora import ADAPTER, TARGET_PATTERNS, add_lora
+from kontext_trainer.model.tiny import kontext_dev_scheduler
 from kontext_trainer.train_step import KontextTrainStep, build_lr_scheduler, build_optimizer
 from peft import LoraConfig
 
@@ -262,15 +263,7 @@ class DiffusersReferenceStep:
 
 def reference_noise_scheduler() -> FlowMatchEulerDiscreteScheduler:
     """FLUX.1-Kontext-dev's scheduler/scheduler_config.json (the reference copies it for its timestep table)."""
-    return FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000,
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    return kontext_dev_scheduler()
 
 
 # ---- both variants on one transformer ----------------------------------------------------------------------------

@@ -135,7 +135,20 @@ def build_tiny_pipeline(seed: int = 0, config: TinyModelConfig | None = None) ->
         guidance_embeds=True,
         axes_dims_rope=config.axes_dims_rope,
     )
-    scheduler = FlowMatchEulerDiscreteScheduler(
+    return FluxKontextPipeline(
+        scheduler=kontext_dev_scheduler(),
+        vae=vae,
+        text_encoder=clip,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    )
+
+
+def kontext_dev_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1-Kontext-dev's scheduler/scheduler_config.json, so the tiny model samples timesteps like the real one."""
+    return FlowMatchEulerDiscreteScheduler(
         num_train_timesteps=1000,
         shift=3.0,
         use_dynamic_shifting=True,
@@ -143,15 +156,6 @@ def build_tiny_pipeline(seed: int = 0, config: TinyModelConfig | None = None) ->
         max_shift=1.15,
         base_image_seq_len=256,
         max_image_seq_len=4096,
-    )
-    return FluxKontextPipeline(
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=clip,
-        tokenizer=clip_tokenizer,
-        text_encoder_2=t5,
-        tokenizer_2=t5_tokenizer,
-        transformer=transformer,
     )
 
 

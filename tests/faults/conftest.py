@@ -25,6 +25,8 @@ from tests.infra.operator_fixtures import (  # noqa: F401
 from tests.infra.processes import free_port
 from tests.infra.s3_fault_proxy import S3FaultProxy
 
+from .support import FaultStore
+
 # Recognisable credentials: the secret scan looks for exactly these strings everywhere.
 ACCESS_KEY_PREFIX = "KLFAULTACCESS"
 SECRET_KEY_PREFIX = "kl-fault-secret-"
@@ -94,3 +96,8 @@ def agent(crd: Cluster, tmp_path: Path) -> Iterator[NodeAgent]:
     finally:
         crd.kubectl("uncordon", *KWOK_L40S_NODES, check=False)
         node.stop()
+
+
+@pytest.fixture
+def store(fault_minio: MinioServer, fault_bucket: str, tiny_model: Path, pairs_dir: Path) -> FaultStore:
+    return FaultStore(fault_minio, fault_bucket, tiny_model, pairs_dir)

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from kontext_lora.api import API_VERSION, KIND
+from tests.infra.klj import Kljs
+from tests.infra.minio import MinioServer
 from tests.infra.node_agent import NodeAgent
 
 REPORT_ENV = "KONTEXT_LORA_FAULT_REPORT"
@@ -215,3 +217,34 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
 def scan_for(secrets: dict[str, str], texts: dict[str, str]) -> list[str]:
     """Where any secret value occurs: 'source: secret name' for each hit (empty when clean)."""
     return [f"{source}: {name}" for source, text in texts.items() for name, value in secrets.items() if value in text]
+
+
+@dataclass
+class FaultStore:
+    """What a training-job fault test starts from: the suite's MinIO, a fresh bucket, the tiny model, the pairs."""
+
+    minio: MinioServer
+    bucket: str
+    model: Path
+    pairs: Path
+
+    def client(self):
+        return self.minio.client()
+
+    @property
+    def secrets(self) -> dict[str, str]:
+        """The credentials, named, as the secret scans look for them."""
+        return {"access key": self.minio.access_key, "secret key": self.minio.secret_key}
+
+    def create_secret(self, jobs: Kljs) -> None:
+        """The job namespace's `s3-credentials` Secret with this MinIO's keys."""
+        jobs.create_s3_secret(self.minio.access_key, self.minio.secret_key)
+
+    def upload_pairs(self, prefix: str = "data/") -> int:
+        return upload_pairs(self.client(), self.bucket, prefix, self.pairs)
+
+    def job(self, name: str, *, endpoint: str | None = None, **kwargs) -> dict:
+        """`support.trainer_job` on this bucket and model, through `endpoint` (default: MinIO itself)."""
+        return trainer_job(
+            name, bucket=self.bucket, endpoint=endpoint or self.minio.endpoint, model=self.model, **kwargs
+        )

@@ -11,7 +11,6 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,11 +18,10 @@ from PIL import Image
 
 from tests.conftest import Cluster
 from tests.infra.klj import Kljs
-from tests.infra.minio import MinioServer
 from tests.infra.node_agent import NodeAgent
 from tests.infra.operator_process import OperatorProcess
 
-from .support import record, scan_for, trainer_job, upload_pairs, wait_until
+from .support import FaultStore, record, scan_for, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.s3, pytest.mark.slow]
 
@@ -128,16 +126,13 @@ def test_bad_datasets_and_credentials_fail_at_once_naming_the_cause(
     kljs: Kljs,
     operator: OperatorProcess,
     agent: NodeAgent,
-    fault_minio: MinioServer,
-    fault_bucket: str,
-    tiny_model: Path,
-    pairs_dir: Path,
+    store: FaultStore,
 ) -> None:
-    client = fault_minio.client()
+    client = store.client()
     agent.env_overrides["KONTEXT_LORA_METRICS_PORT"] = "0"  # parallel pods share this host's network here
-    kljs.create_s3_secret(fault_minio.access_key, fault_minio.secret_key)
+    store.create_secret(kljs)
     wrong_secret = "kl-fault-wrong-" + uuid.uuid4().hex
-    kljs.create_s3_secret(fault_minio.access_key, wrong_secret, name="wrong-credentials")
+    kljs.create_s3_secret(store.minio.access_key, wrong_secret, name="wrong-credentials")
     # A Secret whose keys are not the ones the job names: the pod cannot start (no crash, no retry).
     crd.kubectl(
         "create",
@@ -153,13 +148,10 @@ def test_bad_datasets_and_credentials_fail_at_once_naming_the_cause(
     documents, uris = [], {}
     for case in CASES:
         prefix = f"{case.id}/"
-        upload_pairs(client, fault_bucket, prefix, pairs_dir)
-        case.prepare(client, fault_bucket, prefix)
-        job = trainer_job(
+        store.upload_pairs(prefix)
+        case.prepare(client, store.bucket, prefix)
+        job = store.job(
             case.id,
-            bucket=fault_bucket,
-            endpoint=fault_minio.endpoint,
-            model=tiny_model,
             dataset=prefix,
             secret=case.secret,
         )
@@ -168,16 +160,13 @@ def test_bad_datasets_and_credentials_fail_at_once_naming_the_cause(
             if value is None:
                 dataset.pop(key)
             elif key == "uri" and not value.startswith("s3://"):
-                dataset["uri"] = f"s3://{fault_bucket}/{value}"
+                dataset["uri"] = f"s3://{store.bucket}/{value}"
             else:
                 dataset[key] = value
         uris[case.id] = dataset["uri"]
         documents.append(job)
-    renamed = trainer_job(
+    renamed = store.job(
         "secret-keys-renamed",
-        bucket=fault_bucket,
-        endpoint=fault_minio.endpoint,
-        model=tiny_model,
         secret="renamed-keys",
     )
     documents.append(renamed)
@@ -201,10 +190,10 @@ def test_bad_datasets_and_credentials_fail_at_once_naming_the_cause(
         message = status["message"]
         assert status["reason"] == case.reason, (case.id, status)
         for text in case.expected:
-            expected = text.format(uri=uris[case.id], endpoint=fault_minio.endpoint, output=f"s3://{fault_bucket}/")
+            expected = text.format(uri=uris[case.id], endpoint=store.minio.endpoint, output=f"s3://{store.bucket}/")
             assert expected in message, f"{case.id}: {expected!r} not in status.message:\n{message}"
         event = kljs.wait_event(case.id, case.reason)
-        first = case.expected[0].format(uri=uris[case.id], endpoint=fault_minio.endpoint, output="")
+        first = case.expected[0].format(uri=uris[case.id], endpoint=store.minio.endpoint, output="")
         assert event["type"] == "Warning" and first in event["message"], event
         [batch] = kljs.jobs(case.id)
         assert batch["status"].get("failed") == 1 and len(kljs.pods(case.id)) == 1, f"{case.id}: retried"
@@ -229,6 +218,6 @@ def test_bad_datasets_and_credentials_fail_at_once_naming_the_cause(
         for c in CASES
         for p in kljs.pods(c.id)
     }
-    secrets = {"access key": fault_minio.access_key, "secret key": fault_minio.secret_key, "wrong secret": wrong_secret}
+    secrets = {**store.secrets, "wrong secret": wrong_secret}
     assert not scan_for(secrets, texts)
     record("bad-input", cases=outcomes, slowest_failure_s=max(failed_after.values()))

@@ -20,12 +20,12 @@ import pytest
 
 from tests.conftest import Cluster
 from tests.infra.klj import Kljs
-from tests.infra.minio import MinioServer
 from tests.infra.node_agent import NodeAgent
 from tests.infra.operator_process import OperatorProcess
 from tests.trainer.helpers import job_document, run_cli, trainer_env, write_job
 
 from .support import (
+    FaultStore,
     StepWatcher,
     checkpoints,
     keys,
@@ -33,8 +33,6 @@ from .support import (
     resumed_from,
     scan_for,
     seed,
-    trainer_job,
-    upload_pairs,
     wait_until,
 )
 
@@ -66,10 +64,7 @@ def test_five_kills_at_random_steps_lose_at_most_save_every_each(
     kljs: Kljs,
     operator: OperatorProcess,
     agent: NodeAgent,
-    fault_minio: MinioServer,
-    fault_bucket: str,
-    tiny_model: Path,
-    pairs_dir: Path,
+    store: FaultStore,
 ) -> None:
     fault_seed = seed(8)
     rng = random.Random(fault_seed)
@@ -81,14 +76,11 @@ def test_five_kills_at_random_steps_lose_at_most_save_every_each(
     print(f"kill plan: {list(zip(kinds, targets, strict=True))}")
 
     name, prefix = "preempted", "preempted/"
-    client = fault_minio.client()
-    upload_pairs(client, fault_bucket, "data/", pairs_dir)
-    kljs.create_s3_secret(fault_minio.access_key, fault_minio.secret_key)
-    job = trainer_job(
+    client = store.client()
+    store.upload_pairs()
+    store.create_secret(kljs)
+    job = store.job(
         name,
-        bucket=fault_bucket,
-        endpoint=fault_minio.endpoint,
-        model=tiny_model,
         steps=STEPS,
         save_every=SAVE_EVERY,
         keep=KEEP,
@@ -135,7 +127,7 @@ def test_five_kills_at_random_steps_lose_at_most_save_every_each(
         died_at = time.monotonic()
         last_seen = watcher.step or 0
         watcher.reset()
-        at_kill = checkpoints(client, fault_bucket, prefix)
+        at_kill = checkpoints(client, store.bucket, prefix)
         # The last step the metrics endpoint showed, or later: a checkpoint's files (even partial) mean its step
         # was done (a graceful deletion's SIGTERM lands a moment after the kill was asked for).
         kill_step = max(last_seen, kill_at, *at_kill.files)
@@ -178,9 +170,9 @@ def test_five_kills_at_random_steps_lose_at_most_save_every_each(
             assert kill["lost_steps"] == 0, f"a graceful stop lost steps: {kill}"
 
     # Finished, with exactly `keep` complete checkpoints, the LoRA, and nothing half-written.
-    final = checkpoints(client, fault_bucket, prefix)
+    final = checkpoints(client, store.bucket, prefix)
     assert final.complete == [STEPS - SAVE_EVERY, STEPS] and not final.partial, final
-    objects = keys(client, fault_bucket, prefix)
+    objects = keys(client, store.bucket, prefix)
     assert f"{prefix}{name}.safetensors" in objects
     assert status["step"] == STEPS and sorted(c["step"] for c in status["checkpoints"]) == final.complete
 
@@ -195,7 +187,7 @@ def test_five_kills_at_random_steps_lose_at_most_save_every_each(
     assert concurrency.most == 1, "podReplacementPolicy: Failed keeps a second trainer off the same checkpoints"
 
     logs = {pod: agent.pod_log(kljs.namespace, pod) for pod in [*pods_seen, last]}
-    assert not scan_for({"access key": fault_minio.access_key, "secret key": fault_minio.secret_key}, logs)
+    assert not scan_for(store.secrets, logs)
     record(
         "preemption",
         seed=fault_seed,

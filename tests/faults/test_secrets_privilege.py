@@ -18,11 +18,10 @@ from kontext_operator.rbac import OPERATOR_RULES
 from tests.conftest import Cluster
 from tests.infra.helm import Helm
 from tests.infra.klj import Kljs
-from tests.infra.minio import MinioServer
 from tests.infra.node_agent import NodeAgent
 from tests.infra.operator_process import SERVICE_ACCOUNT, SYSTEM_NAMESPACE, OperatorProcess
 
-from .support import record, scan_for, trainer_job, upload_pairs, wait_until
+from .support import FaultStore, record, scan_for, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.s3, pytest.mark.slow]
 
@@ -36,10 +35,7 @@ def test_credentials_only_by_reference_never_in_logs_status_or_events_and_pods_a
     kljs: Kljs,
     operator: OperatorProcess,
     agent: NodeAgent,
-    fault_minio: MinioServer,
-    fault_bucket: str,
-    tiny_model: Path,
-    pairs_dir: Path,
+    store: FaultStore,
 ) -> None:
     namespace = kljs.namespace
     for label in ("enforce", "warn", "audit"):
@@ -56,16 +52,14 @@ def test_credentials_only_by_reference_never_in_logs_status_or_events_and_pods_a
 
     agent.env_overrides["KONTEXT_LORA_METRICS_PORT"] = "0"  # parallel pods share this host's network here
     agent.env_overrides["KONTEXT_LORA_S3_RETRY_SECONDS"] = "5"
-    client = fault_minio.client()
-    upload_pairs(client, fault_bucket, "data/", pairs_dir)
+    store.upload_pairs()
     wrong_secret = "kl-fault-wrong-" + uuid.uuid4().hex
-    kljs.create_s3_secret(fault_minio.access_key, fault_minio.secret_key)
-    kljs.create_s3_secret(fault_minio.access_key, wrong_secret, name="wrong-credentials")
-    common = {"bucket": fault_bucket, "endpoint": fault_minio.endpoint, "model": tiny_model}
+    store.create_secret(kljs)
+    kljs.create_s3_secret(store.minio.access_key, wrong_secret, name="wrong-credentials")
     jobs = {
-        "leak-ok": trainer_job("leak-ok", steps=4, save_every=2, keep=1, **common),
-        "leak-wrong-key": trainer_job("leak-wrong-key", secret="wrong-credentials", **common),
-        "leak-no-bucket": trainer_job("leak-no-bucket", **common),
+        "leak-ok": store.job("leak-ok", steps=4, save_every=2, keep=1),
+        "leak-wrong-key": store.job("leak-wrong-key", secret="wrong-credentials"),
+        "leak-no-bucket": store.job("leak-no-bucket"),
     }
     # A storage failure after the credentials were used: the output bucket does not exist.
     jobs["leak-no-bucket"]["spec"]["output"]["uri"] = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/out/"
@@ -102,7 +96,7 @@ def test_credentials_only_by_reference_never_in_logs_status_or_events_and_pods_a
         assert not container.get("envFrom"), "no bulk import of Secrets"
 
     # Nothing outside the Secret holds the values.
-    plain = {"access key": fault_minio.access_key, "secret key": fault_minio.secret_key, "wrong key": wrong_secret}
+    plain = {**store.secrets, "wrong key": wrong_secret}
     # ... nor their base64 form (a dumped Secret object).
     secrets = plain | {f"{k} (base64)": base64.b64encode(v.encode()).decode() for k, v in plain.items()}
     texts = {

@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
 
 import pytest
 from kontext_trainer.errors import StorageError
@@ -29,7 +28,7 @@ from tests.infra.node_agent import NodeAgent
 from tests.infra.operator_process import OperatorProcess
 from tests.infra.s3_fault_proxy import Hold, Request, S3FaultProxy
 
-from .support import checkpoints, keys, log_records, record, trainer_job, upload_pairs, wait_until
+from .support import FaultStore, checkpoints, keys, log_records, record, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.s3, pytest.mark.slow]
 
@@ -116,30 +115,25 @@ def test_outages_during_download_and_checkpoint_uploads_lose_nothing(
     kljs: Kljs,
     operator: OperatorProcess,
     agent: NodeAgent,
-    fault_minio: MinioServer,
-    fault_bucket: str,
+    store: FaultStore,
     proxy: S3FaultProxy,
-    tiny_model: Path,
-    pairs_dir: Path,
 ) -> None:
     steps, save_every, keep = 12, 4, 2
     name, prefix = "outages", "outages/"
-    client = fault_minio.client()
-    upload_pairs(client, fault_bucket, "data/", pairs_dir)
-    kljs.create_s3_secret(fault_minio.access_key, fault_minio.secret_key)
+    client = store.client()
+    store.upload_pairs()
+    store.create_secret(kljs)
     agent.env_overrides["KONTEXT_LORA_S3_RETRY_SECONDS"] = "120"
-    job = trainer_job(
+    job = store.job(
         name,
-        bucket=fault_bucket,
         endpoint=proxy.endpoint,
-        model=tiny_model,
         steps=steps,
         save_every=save_every,
         keep=keep,
     )
-    download = proxy.hold(_is_dataset_image_get(fault_bucket))
-    first_upload = proxy.hold(_is_complete_put(fault_bucket, prefix, save_every))
-    second_upload = proxy.hold(_is_complete_put(fault_bucket, prefix, 2 * save_every))
+    download = proxy.hold(_is_dataset_image_get(store.bucket))
+    first_upload = proxy.hold(_is_complete_put(store.bucket, prefix, save_every))
+    second_upload = proxy.hold(_is_complete_put(store.bucket, prefix, 2 * save_every))
     kljs.apply(job)
     outages: list[dict] = []
 
@@ -148,7 +142,7 @@ def test_outages_during_download_and_checkpoint_uploads_lose_nothing(
         than botocore's own per-request retries last, which were all the trainer had before), start MinIO again."""
         before = len(_retries_logged(agent, kljs.namespace, pod))
         stopped = time.monotonic()
-        fault_minio.stop()
+        store.minio.stop()
         hold.release(drop=True)
         wait_until(
             lambda: (
@@ -158,7 +152,7 @@ def test_outages_during_download_and_checkpoint_uploads_lose_nothing(
             120,
             f"the trainer to retry during the {what} outage",
         )
-        fault_minio.start()
+        store.minio.start()
         retries = len(_retries_logged(agent, kljs.namespace, pod)) - before
         outages.append({"during": what, "seconds": round(time.monotonic() - stopped, 1), "retries": retries})
 
@@ -169,25 +163,25 @@ def test_outages_during_download_and_checkpoint_uploads_lose_nothing(
 
     # 2. ... and while the first checkpoint's COMPLETE marker is being uploaded: its files are up, the marker not.
     first_upload.wait_hit(300)
-    at_cut = checkpoints(client, fault_bucket, prefix)
+    at_cut = checkpoints(client, store.bucket, prefix)
     assert save_every in at_cut.partial and not at_cut.complete, at_cut
     outage("checkpoint upload", first_pod, first_upload)
     wait_until(
-        lambda: save_every in checkpoints(client, fault_bucket, prefix).complete,
+        lambda: save_every in checkpoints(client, store.bucket, prefix).complete,
         120,
         "the retried upload to complete the first checkpoint",
     )
 
     # 3. Again at the second checkpoint, and this time the trainer is killed while MinIO is down.
     second_upload.wait_hit(300)
-    fault_minio.stop()
+    store.minio.stop()
     stopped = time.monotonic()
     second_upload.release(drop=True)
     agent.kill_pod(kljs.namespace, first_pod)
     wait_until(lambda: agent.find(kljs.namespace, first_pod) is None, 30, "the killed trainer to be reported")
-    fault_minio.start()
+    store.minio.start()
     outages.append({"during": "checkpoint upload + SIGKILL", "seconds": round(time.monotonic() - stopped, 1)})
-    at_kill = checkpoints(client, fault_bucket, prefix)
+    at_kill = checkpoints(client, store.bucket, prefix)
     assert at_kill.complete == [save_every] and 2 * save_every in at_kill.partial, at_kill
 
     status = kljs.wait_phase(name, "Succeeded", timeout=420)
@@ -196,14 +190,14 @@ def test_outages_during_download_and_checkpoint_uploads_lose_nothing(
     second_log = agent.pod_log(kljs.namespace, second_pod)
     resumed = [r for r in log_records(agent, kljs.namespace, second_pod) if "resumed_from_step" in r]
     assert [r["resumed_from_step"] for r in resumed] == [save_every], second_log[-3000:]
-    assert f"removing incomplete checkpoint s3://{fault_bucket}/{prefix}checkpoints/step-{2 * save_every:06d}/" in (
+    assert f"removing incomplete checkpoint s3://{store.bucket}/{prefix}checkpoints/step-{2 * save_every:06d}/" in (
         second_log
     )
 
     # Nothing lost beyond the bound; nothing half-made left behind.
-    final = checkpoints(client, fault_bucket, prefix)
+    final = checkpoints(client, store.bucket, prefix)
     assert final.complete == [steps - save_every, steps] and not final.partial, final
-    assert f"{prefix}{name}.safetensors" in keys(client, fault_bucket, prefix)
+    assert f"{prefix}{name}.safetensors" in keys(client, store.bucket, prefix)
     assert status["restarts"] == 1 and len(pods) == 2, (status, pods)
     assert sorted(c["step"] for c in status["checkpoints"]) == final.complete
     assert outages[0]["retries"] >= 2 and outages[1]["retries"] >= 2
@@ -223,28 +217,26 @@ def test_storage_that_stays_down_fails_the_job_in_bounded_time_naming_endpoint_a
     kljs: Kljs,
     operator: OperatorProcess,
     agent: NodeAgent,
-    fault_minio: MinioServer,
-    fault_bucket: str,
+    store: FaultStore,
     proxy: S3FaultProxy,
-    tiny_model: Path,
 ) -> None:
     budget = 8
-    kljs.create_s3_secret(fault_minio.access_key, fault_minio.secret_key)
+    store.create_secret(kljs)
     agent.env_overrides.update(KONTEXT_LORA_S3_RETRY_SECONDS=str(budget), KONTEXT_LORA_S3_MAX_ATTEMPTS="2")
-    job = trainer_job("down", bucket=fault_bucket, endpoint=proxy.endpoint, model=tiny_model, backoff_limit=3)
-    fault_minio.stop()
+    job = store.job("down", endpoint=proxy.endpoint, backoff_limit=3)
+    store.minio.stop()
     try:
         kljs.apply(job)
         pod = kljs.running_pod("down", timeout=120)["metadata"]["name"]
         status = kljs.wait_phase("down", "Failed", timeout=180)
     finally:
-        fault_minio.start()
+        store.minio.start()
     records = log_records(agent, kljs.namespace, pod)
     first_retry = next(r["time"] for r in records if "retrying in" in r.get("message", ""))
     error = next(r for r in records if r.get("level") == "error")
     assert status["reason"] == "StorageUnreachable", status
     message = status["message"]
-    assert proxy.endpoint in message and f"s3://{fault_bucket}/down/" in message, message
+    assert proxy.endpoint in message and f"s3://{store.bucket}/down/" in message, message
     assert "code 3" in message and "not retried" in message, message
     event = kljs.wait_event("down", "StorageUnreachable")
     assert event["type"] == "Warning" and proxy.endpoint in event["message"]

@@ -10,8 +10,12 @@ a single replica without peering.
 from __future__ import annotations
 
 import argparse
+import getpass
 import logging
 import os
+import random
+import socket
+import string
 import sys
 import time
 from pathlib import Path
@@ -21,6 +25,7 @@ import kopf
 from kontext_lora.api.operator_config import CONFIG_ENV, OperatorConfig, load_operator_config
 
 from . import metrics
+from .peering import PeeringIdentity
 
 DEFAULT_PEERING = "kontext-lora"
 LOG_FORMATS = {"plain": kopf.LogFormat.PLAIN, "full": kopf.LogFormat.FULL, "json": kopf.LogFormat.JSON}
@@ -65,6 +70,18 @@ def default_priority(now: float | None = None) -> int:
     return -int((time.time() if now is None else now) * 1000)
 
 
+def peering_identity() -> str:
+    """kopf's identity for this replica ($POD_ID, else $POD_NAME, else one made up as kopf would), exported as
+    $POD_ID so that kopf and the operator's own peering gate (peering.py) use the same one."""
+    identity = os.environ.get("POD_ID") or os.environ.get("POD_NAME")
+    if not identity:
+        now = time.strftime("%Y%m%d%H%M%S", time.gmtime())
+        suffix = "".join(random.choices(string.ascii_lowercase + string.digits, k=3))
+        identity = f"{getpass.getuser()}@{socket.gethostname()}/{now}/{suffix}"
+    os.environ["POD_ID"] = identity
+    return identity
+
+
 def run_operator(args: list[str]) -> int:
     options = build_parser().parse_args(args)
     if options.config is not None and not options.config.exists():
@@ -75,9 +92,11 @@ def run_operator(args: list[str]) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if "POD_ID" not in os.environ and os.environ.get("POD_NAME"):
-        os.environ["POD_ID"] = os.environ["POD_NAME"]  # kopf's peering identity: the pod's name
+    identity = peering_identity()
     namespaces = [] if options.all_namespaces else (options.namespaces or list(config.watch_namespaces))
+    priority = (
+        None if options.standalone else (options.priority if options.priority is not None else default_priority())
+    )
     kopf.configure(
         debug=options.debug, verbose=options.verbose, quiet=options.quiet, log_format=LOG_FORMATS[options.log_format]
     )
@@ -97,12 +116,14 @@ def run_operator(args: list[str]) -> int:
     kopf.run(
         standalone=True if options.standalone else None,
         peering_name=None if options.standalone else options.peering,
-        priority=None
-        if options.standalone
-        else (options.priority if options.priority is not None else default_priority()),
+        priority=priority,
         clusterwide=not namespaces,
         namespaces=namespaces,
         liveness_endpoint=f"http://0.0.0.0:{config.health_port}/healthz",
-        memo=kopf.Memo(config=config),
+        memo=kopf.Memo(
+            config=config,
+            namespaces=namespaces,
+            peering=None if priority is None else PeeringIdentity(options.peering, identity, priority),
+        ),
     )
     return 0

@@ -1,11 +1,21 @@
-"""The operator's logic, between kopf's handlers (handlers.py) and the API (kube.py).
+"""The operator's logic: one coalescing, level-triggered reconcile loop per KontextLoRAJob.
+
+What sets it off: every watch event of the KontextLoRAJob (kopf, handlers.py) asks for a full reconcile; an event of
+its batch Job or pods (watches.py) that changed something the status reads asks for a status sync (the Job's
+deletion for a full reconcile); timers ask again after a failure, and at `ttlSecondsAfterFinished`. Requests for a
+job that arrive while its reconcile runs are merged into one more run, from the newest state. Each run:
 
 - `ensure`: the per-job ServiceAccount/Role/RoleBinding and the batch Job, idempotently (deterministic names;
-  409 AlreadyExists adopts what this KontextLoRAJob owns), so a restart at any point never makes a second Job.
-- `sync`: the operator's status keys from the in-memory view of the Job, its pods and the trainer's stage
-  (kopf indexes fed by label-selected watches: no polling), written with optimistic concurrency, and an Event
-  for every transition.
-- `apply_spec_change`, `cleanup`, `expire`: suspend/resume and deadlines, deletion, ttlSecondsAfterFinished.
+  409 AlreadyExists adopts what this KontextLoRAJob owns), so a restart at any point never makes a second Job;
+  then the spec brought to the live Job, level-triggered (no stored diff): `spec.suspend` when it differs from the
+  value last applied (an annotation on the Job, so Kueue's own suspending is left alone), `runPolicy` when it
+  differs, and a pod template that changed before training replaces the Job. Skipped while the job's generation
+  was already brought to a live Job.
+- `sync`: the operator's status keys from the in-memory Job, pods and the trainer's stage, written with optimistic
+  concurrency only when one of them changed, and an Event for every transition.
+- `cleanup` (kopf's delete handler, behind the finalizer) and `expire` (TTL).
+
+Writes outside kopf's handlers ask the peering gate (peering.py) first: only the replica that kopf lets act writes.
 """
 
 from __future__ import annotations
@@ -13,28 +23,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
 from typing import Any
-
-import kopf
 
 from kontext_lora.api import InvalidJobError, KontextLoRAJob, Phase, parse_job
 from kontext_lora.api.operator_config import OperatorConfig
 
 from . import resources
-from .kube import Kube, KubeError, klj_path, object_path
+from .kube import Kube, KubeError, Priority, klj_path, object_path
 from .metrics import RECONCILE_ERRORS, RECONCILE_SECONDS, JobPhases, waiting
+from .peering import PeeringGate
 from .status import desired_status, invalid_spec, observe, status_patch, transitions, trim_job
+from .timestamps import parse_time
+from .watches import ChildWatches
 
 Key = tuple[str, str]
 COMPONENT = "kontext-lora-operator"
 # States in which the trainer has not started: a changed spec replaces the Job instead of being refused.
 REPLACEABLE_PHASES = (None, Phase.Pending, Phase.Suspended)
+FINISHED_PHASES = (Phase.Succeeded, Phase.Failed)
 # How long deletion waits for the trainer pod to stop before letting the garbage collector finish alone.
 DELETE_WAIT_SECONDS = 120
-SYNC_RETRY_DELAYS = (0.5, 1, 2, 5, 10, 30)
+# Delays of the retries after an unexpected failure (a status write, an API error while creating).
+RETRY_DELAYS = (0.5, 1, 2, 5, 10, 30)
+# Jobs reconciled at once. More wait in a queue as keys only (a job in flight holds its parsed spec and manifests),
+# so a burst of a thousand new jobs costs a thousand queue entries, not a thousand half-done reconciles.
+WORKERS = 32
 
 logger = logging.getLogger("kontext_operator")
 
@@ -45,6 +60,25 @@ class Problem:
 
     reason: str
     message: str
+
+
+class Retry(Exception):
+    """Reconcile this job again after `delay` seconds; `error`: count it in kontext_operator_reconcile_errors."""
+
+    def __init__(self, message: str, delay: float, error: bool = True):
+        super().__init__(message)
+        self.delay, self.error = delay, error
+
+
+@dataclass(frozen=True)
+class Essentials:
+    """What a status sync needs from the parsed spec of one generation (parsing on every sync would be wasted)."""
+
+    uid: str | None
+    generation: int | None
+    suspend: bool = False
+    active_deadline_seconds: int | None = None
+    errors: tuple[str, ...] = ()
 
 
 def trim_klj(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -83,31 +117,159 @@ def involved(body: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _parse_time(value: str | None) -> datetime | None:
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00")) if value else None
-    except ValueError:
-        return None
+def finished(body: Mapping[str, Any]) -> bool:
+    return (body.get("status") or {}).get("phase") in FINISHED_PHASES
 
 
 class Reconciler:
-    def __init__(self, config: OperatorConfig, kube: Kube, phases: JobPhases):
+    def __init__(
+        self,
+        config: OperatorConfig,
+        kube: Kube,
+        phases: JobPhases,
+        children: ChildWatches | None = None,
+        gate: PeeringGate | None = None,
+    ):
         self.config = config
         self.kube = kube
         self.phases = phases
-        self.kljs: Mapping[Key, Iterable[dict]] = {}
-        self.jobs: Mapping[Key, Iterable[dict]] = {}
-        self.pods: Mapping[Key, Iterable[dict]] = {}
+        self.children = children
+        self.gate = gate
+        self.kljs: dict[Key, dict] = {}
         self.problems: dict[Key, Problem] = {}
-        self._locks: dict[Key, asyncio.Lock] = {}
         self._warned: dict[Key, int | None] = {}
-        self._retries: dict[Key, int] = {}
-        # Per job: (resourceVersion the index had, the object our status patch returned), see `_sync`.
+        self._attempts: dict[Key, int] = {}
+        # Per job: (resourceVersion the store had, the object our status patch returned), see `_sync`.
         self._written: dict[Key, tuple[str | None, dict]] = {}
+        self._essentials: dict[Key, Essentials] = {}
+        self._ensured: dict[Key, tuple[str | None, int | None]] = {}
+        self._rbac_known: set[Key] = set()  # jobs whose Role and RoleBinding this process made or saw
+        # The work queue (as client-go's): a job is queued once however often it is asked for, and a job asked for
+        # while a worker has it is queued again when that worker is done, so one job never runs twice at once.
+        self._dirty: dict[Key, bool] = {}  # job -> whether the next run must be a full reconcile
+        self._queue: asyncio.Queue[Key] | None = None
+        self._queued: set[Key] = set()
+        self._processing: set[Key] = set()
+        self._workers: list[asyncio.Task] = []
+        self._retry_timers: dict[Key, asyncio.TimerHandle] = {}
+        self._ttl_timers: dict[Key, tuple[float, asyncio.TimerHandle]] = {}
+        self._tasks: set[asyncio.Task] = set()
+        # Each pause of this replica starts an epoch; a job last seen in an earlier one is read again before
+        # anything is created for it (kopf may have missed its deletion while paused).
+        self._epoch = 0
+        self._seen: dict[Key, int] = {}
+        # Arrival order of each job: its API requests wait in that order (kube.PrioritySlots), earliest job first.
+        self._order: dict[Key, int] = {}
 
-    def bind(self, kljs: Mapping, jobs: Mapping, pods: Mapping) -> None:
-        """The kopf indexes (live views, filled by the watches before any handler runs)."""
-        self.kljs, self.jobs, self.pods = kljs, jobs, pods
+    @property
+    def active(self) -> bool:
+        return self.gate is None or self.gate.active
+
+    # ---- inputs -----------------------------------------------------------------------------------------------
+
+    def klj_event(self, kind: str | None, body: Mapping[str, Any]) -> None:
+        """A watch event of a KontextLoRAJob (kopf): remember it and reconcile it."""
+        metadata = body.get("metadata") or {}
+        key = (metadata.get("namespace", ""), metadata.get("name", ""))
+        if kind == "DELETED":
+            self.kljs.pop(key, None)
+            self.forget(key)
+            return
+        self.kljs[key] = trim_klj(body)
+        self._seen[key] = self._epoch
+        if key not in self._order:
+            self._order[key] = self.kube.slots.next_order()
+        if self.children is not None:
+            self.children.serve(key[0])
+        self.request(key, full=True)
+
+    def child_changed(self, key: Key, child: str, kind: str) -> None:
+        """Something the status reads changed in the job's batch Job or pods."""
+        if key not in self.kljs:
+            return
+        gone = child == "job" and kind == "DELETED"
+        if gone:
+            self._ensured.pop(key, None)
+        self.request(key, full=gone)
+
+    def gate_changed(self, active: bool) -> None:
+        if active:
+            for key in list(self.kljs):
+                self.request(key, full=True)
+        else:
+            self._epoch += 1
+            for timers in (self._retry_timers, self._ttl_timers):
+                for value in timers.values():
+                    (value[1] if isinstance(value, tuple) else value).cancel()
+                timers.clear()
+
+    def request(self, key: Key, full: bool = False) -> None:
+        """Reconcile (`full`) or sync the job soon; merged with a request already waiting."""
+        self._dirty[key] = self._dirty.get(key, False) or full
+        if key not in self._queued and key not in self._processing:
+            self._enqueue(key)
+
+    def _enqueue(self, key: Key) -> None:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._workers = [
+                asyncio.get_running_loop().create_task(self._work(), name=f"reconcile worker {n}")
+                for n in range(WORKERS)
+            ]
+        self._queued.add(key)
+        self._queue.put_nowait(key)
+
+    def stop(self) -> None:
+        for worker in self._workers:
+            worker.cancel()
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _work(self) -> None:
+        assert self._queue is not None
+        while True:
+            key = await self._queue.get()
+            self._queued.discard(key)
+            if key not in self._dirty:
+                continue
+            full = self._dirty.pop(key)
+            self._processing.add(key)
+            try:
+                await self._step(key, full)
+            except Exception:  # a bug: say so and try again later rather than lose the job
+                logger.exception("reconciling %s/%s failed", *key)
+                self._retry_later(key)
+            finally:
+                self._processing.discard(key)
+                if key in self._dirty:  # asked for again while this worker had it
+                    self._enqueue(key)
+
+    async def _step(self, key: Key, full: bool) -> None:
+        body = self.kljs.get(key)
+        if body is None:
+            self.forget(key)
+            return
+        if not self.active or body["metadata"].get("deletionTimestamp"):
+            return  # a standby never writes; a deletion is kopf's delete handler's (behind the finalizer)
+        if self.children is not None:
+            await self.children.ready(key[0])
+        body = self.kljs.get(key)
+        if body is None:
+            return
+        if full and not finished(body):
+            uid, generation = body["metadata"].get("uid"), body["metadata"].get("generation")
+            live = self.live_job(key, uid)
+            if live is None or self._ensured.get(key) != (uid, generation) or key in self.problems:
+                if live is None and self._had_job(body):
+                    await self.sync(*key)  # say JobMissing before making it again
+                if not await self._confirm(key):
+                    return
+                await self._reconcile(key, self.kljs[key])
+        await self.sync(*key)
+        self._schedule_ttl(key)
 
     # ---- reading ----------------------------------------------------------------------------------------
 
@@ -127,23 +289,61 @@ class Reconciler:
             )
         return job
 
+    def essentials(self, key: Key, body: Mapping[str, Any]) -> Essentials:
+        metadata = body["metadata"]
+        cached = self._essentials.get(key)
+        if cached is not None and (cached.uid, cached.generation) == (metadata.get("uid"), metadata.get("generation")):
+            return cached
+        try:
+            job = self.validate(body)
+        except InvalidJobError as error:
+            found = Essentials(metadata.get("uid"), metadata.get("generation"), errors=tuple(error.errors))
+        else:
+            found = Essentials(
+                metadata.get("uid"),
+                metadata.get("generation"),
+                job.spec.suspend,
+                job.spec.run_policy.active_deadline_seconds,
+            )
+        self._essentials[key] = found
+        return found
+
     def klj(self, key: Key) -> dict | None:
-        found = list(self.kljs.get(key, ()))
-        return found[0] if found else None
+        return self.kljs.get(key)
 
     def owned_jobs(self, key: Key, uid: str | None) -> list[dict]:
-        return [job for job in self.jobs.get(key, ()) if uid in job.get("owners", ())]
+        jobs: Iterable[dict] = self.children.jobs.get(key) if self.children is not None else ()
+        return [job for job in jobs if uid in job.get("owners", ())]
 
     def live_job(self, key: Key, uid: str | None) -> dict | None:
         return next((job for job in self.owned_jobs(key, uid) if not job.get("deleting")), None)
 
-    # ---- status -----------------------------------------------------------------------------------------
+    def pods(self, key: Key, job_uid: str) -> list[dict]:
+        pods: Iterable[dict] = self.children.pods.get(key) if self.children is not None else ()
+        return [pod for pod in pods if pod.get("jobUid") == job_uid]
 
-    def _lock(self, key: Key) -> asyncio.Lock:
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = self._locks[key] = asyncio.Lock()
-        return lock
+    @staticmethod
+    def _had_job(body: Mapping[str, Any]) -> bool:
+        status = body.get("status") or {}
+        return bool(status.get("jobName")) and any(
+            c.get("type") == "Created" and c.get("status") == "True" for c in status.get("conditions") or ()
+        )
+
+    async def _confirm(self, key: Key) -> bool:
+        """Whether the job still exists as remembered; read again when it was last seen before a pause."""
+        if self._seen.get(key) == self._epoch:
+            return True
+        remembered = self.kljs.get(key)
+        fresh = await self.kube.get(klj_path(*key))
+        if fresh is None or remembered is None or fresh["metadata"].get("uid") != remembered["metadata"].get("uid"):
+            self.kljs.pop(key, None)
+            self.forget(key)
+            return False
+        self.kljs[key] = trim_klj(fresh)
+        self._seen[key] = self._epoch
+        return True
+
+    # ---- status -----------------------------------------------------------------------------------------
 
     async def sync(self, namespace: str, name: str) -> None:
         """Bring the operator's status keys up to date. Never raises: a failed sync is retried with a backoff
@@ -151,22 +351,16 @@ class Reconciler:
         key = (namespace, name)
         began = time.perf_counter()
         try:
-            async with self._lock(key):
-                await self._sync(key)
+            await self._sync(key)
         except Exception as error:
             RECONCILE_ERRORS.labels("sync").inc()
-            attempt = self._retries.get(key, 0)
-            self._retries[key] = attempt + 1
-            delay = SYNC_RETRY_DELAYS[min(attempt, len(SYNC_RETRY_DELAYS) - 1)]
-            logger.warning("status of %s/%s not updated (%s); retrying in %ss", namespace, name, error, delay)
-            asyncio.get_running_loop().call_later(delay, lambda: asyncio.ensure_future(self.sync(namespace, name)))
-        else:
-            self._retries.pop(key, None)
+            logger.warning("status of %s/%s not updated (%s)", namespace, name, error)
+            self._retry_later(key, full=False)
         finally:
             RECONCILE_SECONDS.labels("sync").observe(time.perf_counter() - began)
 
     async def _sync(self, key: Key) -> None:
-        body = self.klj(key)
+        body = self.kljs.get(key)
         if body is None:
             self.forget(key)
             return
@@ -179,19 +373,17 @@ class Reconciler:
         if metadata.get("deletionTimestamp"):
             return
         status = body.get("status") or {}
-        try:
-            job = self.validate(body)
-        except InvalidJobError as error:
-            observation = invalid_spec(error.errors, status)
+        essentials = self.essentials(key, body)
+        if essentials.errors:
+            observation = invalid_spec(list(essentials.errors), status)
         else:
             batch = self.live_job(key, metadata.get("uid"))
-            pods = [p for p in self.pods.get(key, ()) if batch and p.get("jobUid") == batch["uid"]]
             observation = observe(
                 batch,
-                pods,
+                self.pods(key, batch["uid"]) if batch else [],
                 status,
-                suspend=job.spec.suspend,
-                active_deadline_seconds=job.spec.run_policy.active_deadline_seconds,
+                suspend=essentials.suspend,
+                active_deadline_seconds=essentials.active_deadline_seconds,
             )
             problem = self.problems.get(key)
             if problem and not observation.job_exists and observation.phase == Phase.Pending:
@@ -201,14 +393,16 @@ class Reconciler:
         )
         self.phases.set(key, desired["phase"])
         patch = status_patch(status, desired)
-        if not patch:
+        if not patch or not self.active:
             return
         try:
-            written = await self.kube.merge_patch(
+            written_body = await self.kube.merge_patch(
                 klj_path(key[0], key[1], "status"),
                 {"metadata": {"resourceVersion": metadata.get("resourceVersion")}, "status": patch},
+                priority=Priority.STATUS,
+                order=self._order.get(key),
             )
-            self._written[key] = (metadata.get("resourceVersion"), trim_klj(written))
+            self._written[key] = (metadata.get("resourceVersion"), trim_klj(written_body))
         except KubeError as error:
             if error.conflict or error.not_found:
                 # A newer version is on its way through the watch (its event syncs again), or the job is gone.
@@ -217,24 +411,38 @@ class Reconciler:
         for transition in transitions(status, desired):
             await self.event(body, transition.type, transition.reason, transition.message)
 
-    async def report_problem(self, key: Key, reason: str, message: str) -> None:
-        """Show why the job's objects could not be made (while it is Pending) until a later attempt succeeds."""
-        self.problems[key] = Problem(reason, message)
-        await self.sync(*key)
-
     def forget(self, key: Key) -> None:
         self.phases.forget(key)
-        self.problems.pop(key, None)
-        self._warned.pop(key, None)
-        self._retries.pop(key, None)
-        self._written.pop(key, None)
-        lock = self._locks.get(key)
-        if lock is not None and not lock.locked():
-            del self._locks[key]
+        for store in (self.problems, self._warned, self._attempts, self._written, self._essentials, self._ensured):
+            store.pop(key, None)
+        self._rbac_known.discard(key)
+        self._seen.pop(key, None)
+        self._order.pop(key, None)
+        if (timer := self._retry_timers.pop(key, None)) is not None:
+            timer.cancel()
+        if (ttl := self._ttl_timers.pop(key, None)) is not None:
+            ttl[1].cancel()
+
+    def _retry_later(self, key: Key, delay: float | None = None, full: bool = True) -> None:
+        """Reconcile the job again later: after `delay`, else after the next of RETRY_DELAYS."""
+        if delay is None:
+            attempt = self._attempts.get(key, 0)
+            self._attempts[key] = attempt + 1
+            delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
+        if (timer := self._retry_timers.pop(key, None)) is not None:
+            timer.cancel()
+        if key in self.kljs:
+            self._retry_timers[key] = asyncio.get_running_loop().call_later(delay, self._retry_due, key, full)
+
+    def _retry_due(self, key: Key, full: bool) -> None:
+        self._retry_timers.pop(key, None)
+        self.request(key, full=full)
 
     async def event(self, body: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+        target = involved(body)
+        order = self._order.get((target["namespace"], target["name"]))
         try:
-            await self.kube.post_event(involved(body), type_, reason, message, COMPONENT)
+            await self.kube.post_event(target, type_, reason, message, COMPONENT, order=order)
         except KubeError as error:
             if error.status == 403 and "being terminated" in error.message:
                 # The namespace is being deleted (and the job with it): nothing can be written there any more.
@@ -242,63 +450,124 @@ class Reconciler:
                 return
             logger.warning("could not post event %s on %s: %s", reason, body["metadata"]["name"], error)
 
-    # ---- creating -----------------------------------------------------------------------------------------
+    # ---- creating and changing ------------------------------------------------------------------------------
+
+    async def _reconcile(self, key: Key, body: Mapping[str, Any]) -> None:
+        """`ensure`, timed and counted (as `create` while the job has no Job yet, else `update`), retried."""
+        handler = "update" if self.owned_jobs(key, body["metadata"].get("uid")) else "create"
+        began = time.perf_counter()
+        try:
+            await self.ensure(body)
+        except InvalidJobError:
+            self._ensured.pop(key, None)  # the status says why (InvalidSpec); a new generation is looked at again
+        except Retry as retry:
+            if retry.error:
+                RECONCILE_ERRORS.labels(handler).inc()
+            logger.info("%s/%s: %s; again in %ss", *key, retry, retry.delay)
+            self._ensured.pop(key, None)
+            self._retry_later(key, retry.delay)
+        except Exception as error:  # a bug or an unexpected answer: say so in status, and try again
+            RECONCILE_ERRORS.labels(handler).inc()
+            logger.warning("%s/%s: %s: %s", *key, type(error).__name__, error)
+            self.problems[key] = Problem("ReconcileError", f"{type(error).__name__}: {error}")
+            self._ensured.pop(key, None)
+            self._retry_later(key)
+        else:
+            self._attempts.pop(key, None)
+            self._ensured[key] = (body["metadata"].get("uid"), body["metadata"].get("generation"))
+        finally:
+            RECONCILE_SECONDS.labels(handler).observe(time.perf_counter() - began)
 
     async def ensure(self, body: Mapping[str, Any]) -> dict:
-        """Everything the job needs, created once. Raises InvalidJobError, or kopf errors to retry."""
+        """Everything the job needs, created once, and its spec brought to the live Job.
+
+        Raises InvalidJobError, or Retry."""
         job = self.validate(body)
         namespace, name, uid = job.metadata.namespace, job.metadata.name, job.metadata.uid
         key = (namespace, name)
         desired = resources.batch_job(job, self.config)
         owned = self.owned_jobs(key, uid)
         current = next((j for j in owned if not j.get("deleting")), None) or (owned[0] if owned else None)
-        try:
-            if current is None:
-                # The pod needs its ServiceAccount to exist, the RoleBinding its Role (escalation check); the binding
-                # is only used once the trainer reports progress, so it is made alongside the Job.
-                await asyncio.gather(
-                    self._create_or_adopt(key, resources.service_account(job), uid),
-                    self._create_or_adopt(key, resources.role(job), uid),
+        if current is None:
+            # The pod needs its ServiceAccount when the job controller makes it, so that goes first. The Role and
+            # RoleBinding (the Role first: RBAC's escalation check resolves it) are only used once the trainer
+            # reports progress, which it retries, so they are made alongside the Job at a lower priority: in a
+            # burst of new jobs, every Job is created before the next job's Role.
+            try:
+                await self._create_or_adopt(key, resources.service_account(job), uid)
+            except KubeError as error:
+                self.problems[key] = Problem("CreateFailed", f"could not create the trainer's objects: {error}")
+                raise Retry(str(error), 5) from None
+            rbac = asyncio.ensure_future(self._ensure_role_and_binding(key, job, uid))
+            try:
+                batch, created = await self._create_or_adopt(key, desired, uid)
+            except KubeError as error:
+                await asyncio.gather(rbac, return_exceptions=True)
+                self.problems[key] = Problem("CreateFailed", f"could not create the trainer's objects: {error}")
+                raise Retry(str(error), 5) from None
+            except BaseException:
+                rbac.cancel()
+                raise
+            current = trim_job(batch)
+            if self.children is not None:
+                self.children.jobs.put(current)  # before its watch event: the next sync already sees it
+            self.problems.pop(key, None)
+            if created:  # not when an earlier run (before a restart) made it and this one adopted it
+                await self.event(
+                    body, "Normal", "JobCreated", f"created batch Job {desired['metadata']['name']} for the trainer"
                 )
-                _, (batch, created) = await asyncio.gather(
-                    self._create_or_adopt(key, resources.role_binding(job), uid),
-                    self._create_or_adopt(key, desired, uid),
-                )
-                current = trim_job(batch)
-                if created:  # not when an earlier run (before a restart) made it and this one adopted it
-                    await self.event(
-                        body, "Normal", "JobCreated", f"created batch Job {desired['metadata']['name']} for the trainer"
-                    )
-        except KubeError as error:
-            await self.report_problem(key, "CreateFailed", f"could not create the trainer's objects: {error}")
-            raise kopf.TemporaryError(str(error), delay=5) from None
+            # The job's first status (Pending) goes out with its Job, not after the RBAC objects: on a fast node
+            # the pod may already run by then.
+            await self.sync(*key)
+            await rbac
+            return current
+        if key not in self._rbac_known:  # an operator killed between the Job and its RoleBinding left none
+            binding = resources.role_binding(job)["metadata"]["name"]
+            path = object_path("RoleBinding", namespace, binding)
+            if await self.kube.get(path, priority=Priority.CHANGE, order=self._order.get(key)) is None:
+                await self._ensure_role_and_binding(key, job, uid)
+            self._rbac_known.add(key)
         if current.get("deleting"):
-            raise waiting(f"waiting for the replaced Job {current['name']} to be deleted", 1)
+            raise Retry(f"waiting for the replaced Job {current['name']} to be deleted", 1, error=False)
         if current.get("specHash") != desired["metadata"]["annotations"][resources.SPEC_HASH_ANNOTATION]:
             await self._spec_drift(body, job, current)
+        await self._apply_to_job(body, job, current)
         self.problems.pop(key, None)
         return current
 
-    async def _create_or_adopt(self, key: Key, manifest: dict, uid: str | None) -> tuple[dict, bool]:
+    async def _ensure_role_and_binding(self, key: Key, job: KontextLoRAJob, uid: str | None) -> None:
+        """The trainer's Role and RoleBinding; a failure is retried by the job's next reconcile (Retry)."""
+        try:
+            await self._create_or_adopt(key, resources.role(job), uid, Priority.CHANGE)
+            await self._create_or_adopt(key, resources.role_binding(job), uid, Priority.CHANGE)
+        except KubeError as error:
+            self.problems[key] = Problem("CreateFailed", f"could not create the trainer's Role: {error}")
+            raise Retry(str(error), 5) from None
+        self._rbac_known.add(key)
+
+    async def _create_or_adopt(
+        self, key: Key, manifest: dict, uid: str | None, priority: Priority = Priority.CREATE
+    ) -> tuple[dict, bool]:
         """(the object, whether this call created it); 409 AlreadyExists adopts what this job owns."""
         kind, name = manifest["kind"], manifest["metadata"]["name"]
         path = object_path(kind, key[0])
+        order = self._order.get(key)
         try:
-            return await self.kube.create(path, manifest), True
+            return await self.kube.create(path, manifest, priority=priority, order=order), True
         except KubeError as error:
             if not error.conflict:
                 raise
-        existing = await self.kube.get(object_path(kind, key[0], name))
+        existing = await self.kube.get(object_path(kind, key[0], name), priority=priority, order=order)
         if existing is None:  # deleted between our create and get: try again shortly
-            raise waiting(f"{kind} {name} was deleted while being adopted", 1)
+            raise Retry(f"{kind} {name} was deleted while being adopted", 1, error=False)
         owners = [ref.get("uid") for ref in existing.get("metadata", {}).get("ownerReferences") or []]
         if uid not in owners:
             message = (
                 f"a {kind} named {name} already exists in {key[0]} and does not belong to this KontextLoRAJob; "
                 "delete it or rename the job"
             )
-            await self.report_problem(key, "NameTaken", message)
-            raise kopf.TemporaryError(message, delay=10)
+            self.problems[key] = Problem("NameTaken", message)
+            raise Retry(message, 10)
         return existing, False
 
     async def _spec_drift(self, body: Mapping[str, Any], job: KontextLoRAJob, current: dict) -> None:
@@ -313,7 +582,7 @@ class Reconciler:
                 object_path("Job", key[0], current["name"]), propagation="Foreground", uid=current["uid"]
             )
             await self.event(body, "Normal", "SpecChanged", f"replacing Job {current['name']} with the changed spec")
-            raise waiting(f"waiting for the replaced Job {current['name']} to be deleted", 1)
+            raise Retry(f"waiting for the replaced Job {current['name']} to be deleted", 1, error=False)
         generation = job.metadata.generation
         if self._warned.get(key) != generation:
             self._warned[key] = generation
@@ -325,48 +594,37 @@ class Reconciler:
                 "it started with (install the kontext-lora ValidatingAdmissionPolicy to refuse such changes)",
             )
 
-    # ---- changing -----------------------------------------------------------------------------------------
-
-    async def apply_spec_change(self, body: Mapping[str, Any], old: Mapping | None, new: Mapping | None) -> None:
-        """Suspend/resume and run-policy changes go to the live Job; the rest replaces a not-yet-started Job."""
-        job = self.validate(body)
+    async def _apply_to_job(self, body: Mapping[str, Any], job: KontextLoRAJob, current: dict) -> None:
+        """`spec.suspend` (when changed since last applied) and `runPolicy` (when different) to the live Job."""
+        spec: dict[str, Any] = {}
+        annotations: dict[str, str] = {}
+        wanted = resources.suspend_value(job.spec.suspend)
+        applied = current.get("appliedSuspend")
+        if applied is None:
+            # A Job made before the annotation existed: record the job's value and leave the Job's as it is (it
+            # may be Kueue's); later changes of spec.suspend are applied.
+            annotations[resources.SUSPEND_ANNOTATION] = wanted
+        elif applied != wanted:
+            spec["suspend"] = job.spec.suspend
+            annotations[resources.SUSPEND_ANNOTATION] = wanted
+        run_policy = job.spec.run_policy
+        if current.get("backoffLimit") != run_policy.backoff_limit:
+            spec["backoffLimit"] = run_policy.backoff_limit
+        if current.get("activeDeadlineSeconds") != run_policy.active_deadline_seconds:
+            spec["activeDeadlineSeconds"] = run_policy.active_deadline_seconds
+        if not spec and not annotations:
+            return
+        patch: dict[str, Any] = {"spec": spec} if spec else {}
+        if annotations:
+            patch["metadata"] = {"annotations": annotations}
         key = (job.metadata.namespace, job.metadata.name)
-        current = self.live_job(key, job.metadata.uid)
-        if current is None:
-            await self.ensure(body)
-            return
-        old, new = dict(old or {}), dict(new or {})
-        old_policy, new_policy = dict(old.get("runPolicy") or {}), dict(new.get("runPolicy") or {})
-        patch: dict[str, Any] = {}
-        if bool(old.get("suspend")) != bool(new.get("suspend")):
-            patch["suspend"] = job.spec.suspend
-        if old_policy.get("backoffLimit") != new_policy.get("backoffLimit"):
-            patch["backoffLimit"] = job.spec.run_policy.backoff_limit
-        if old_policy.get("activeDeadlineSeconds") != new_policy.get("activeDeadlineSeconds"):
-            patch["activeDeadlineSeconds"] = job.spec.run_policy.active_deadline_seconds
-        if patch:
-            await self.kube.merge_patch(object_path("Job", key[0], current["name"]), {"spec": patch})
-            if "suspend" in patch:
-                verb = "suspending" if job.spec.suspend else "resuming (from the last checkpoint)"
-                await self.event(body, "Normal", "Suspend" if job.spec.suspend else "Resume", f"{verb} the trainer")
-        await self.ensure(body)
-
-    async def job_gone(self, key: Key) -> None:
-        """A Job of ours was deleted: make it again unless the job finished or is being deleted."""
-        body = self.klj(key)
-        if body is None or body["metadata"].get("deletionTimestamp"):
-            return
-        if (body.get("status") or {}).get("phase") in (Phase.Succeeded, Phase.Failed):
-            return
-        if self.live_job(key, body["metadata"].get("uid")) is not None:
-            return
-        try:
-            await self.ensure(body)
-        except InvalidJobError:
-            return
-        except kopf.TemporaryError as error:  # called from a watch event, which kopf does not retry: we do
-            delay = float(error.delay or 5)
-            asyncio.get_running_loop().call_later(delay, lambda: asyncio.ensure_future(self.job_gone(key)))
+        path = object_path("Job", key[0], current["name"])
+        patched = await self.kube.merge_patch(path, patch, order=self._order.get(key))
+        if self.children is not None:
+            self.children.jobs.put(trim_job(patched))
+        if "suspend" in spec:
+            verb = "suspending" if job.spec.suspend else "resuming (from the last checkpoint)"
+            await self.event(body, "Normal", "Suspend" if job.spec.suspend else "Resume", f"{verb} the trainer")
 
     # ---- deleting -----------------------------------------------------------------------------------------
 
@@ -374,6 +632,8 @@ class Reconciler:
         """Finalizer: stop the trainer and remove the Job (the GC takes the rest); storage is never touched."""
         metadata = body["metadata"]
         key = (metadata["namespace"], metadata["name"])
+        if self.children is not None:
+            await self.children.ready(key[0])
         owned = self.owned_jobs(key, metadata.get("uid"))
         for job in owned:
             if not job.get("deleting"):
@@ -391,23 +651,51 @@ class Reconciler:
         )
         self.forget(key)
 
-    async def expire(self, body: Mapping[str, Any], stopped: Any) -> None:
-        """ttlSecondsAfterFinished: delete the finished KontextLoRAJob itself (never its outputs) when due."""
-        spec, status, metadata = body.get("spec") or {}, body.get("status") or {}, body["metadata"]
-        ttl = (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished")
-        finished = _parse_time(status.get("completionTime"))
-        if ttl is None or finished is None:
+    def _schedule_ttl(self, key: Key) -> None:
+        """A finished job with runPolicy.ttlSecondsAfterFinished is deleted that long after its completionTime."""
+        body = self.kljs.get(key)
+        if body is None:
             return
-        delay = (finished - datetime.now(UTC)).total_seconds() + ttl
-        if delay > 0:
-            await stopped.wait(delay)
-            if stopped:
-                return
-        await self.event(
-            body,
-            "Normal",
-            "Expired",
-            f"deleting the KontextLoRAJob {ttl}s after it finished (runPolicy.ttlSecondsAfterFinished); "
-            f"outputs in {(spec.get('output') or {}).get('uri')} are kept",
-        )
-        await self.kube.delete(klj_path(metadata["namespace"], metadata["name"]), uid=metadata.get("uid"))
+        ttl = ((body.get("spec") or {}).get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+        completed = parse_time((body.get("status") or {}).get("completionTime"))
+        scheduled = self._ttl_timers.get(key)
+        if ttl is None or completed is None or not finished(body):
+            if scheduled is not None:
+                scheduled[1].cancel()
+                del self._ttl_timers[key]
+            return
+        due = completed.timestamp() + ttl
+        if scheduled is not None and scheduled[0] == due:
+            return
+        if scheduled is not None:
+            scheduled[1].cancel()
+        delay = max(0.0, due - time.time())
+        uid = body["metadata"].get("uid")
+        handle = asyncio.get_running_loop().call_later(delay, lambda: self._spawn(self.expire(key, uid)))
+        self._ttl_timers[key] = (due, handle)
+
+    async def expire(self, key: Key, uid: str | None) -> None:
+        """ttlSecondsAfterFinished: delete the finished KontextLoRAJob itself (never its outputs)."""
+        self._ttl_timers.pop(key, None)
+        body = self.kljs.get(key)
+        if body is None or body["metadata"].get("uid") != uid or not finished(body) or not self.active:
+            return
+        began = time.perf_counter()
+        spec, metadata = body.get("spec") or {}, body["metadata"]
+        ttl = (spec.get("runPolicy") or {}).get("ttlSecondsAfterFinished")
+        try:
+            await self.event(
+                body,
+                "Normal",
+                "Expired",
+                f"deleting the KontextLoRAJob {ttl}s after it finished (runPolicy.ttlSecondsAfterFinished); "
+                f"outputs in {(spec.get('output') or {}).get('uri')} are kept",
+            )
+            await self.kube.delete(klj_path(metadata["namespace"], metadata["name"]), uid=uid)
+        except KubeError as error:
+            RECONCILE_ERRORS.labels("ttl").inc()
+            logger.warning("could not delete the expired %s/%s (%s); again in 10s", *key, error)
+            loop = asyncio.get_running_loop()
+            self._ttl_timers[key] = (0.0, loop.call_later(10, lambda: self._spawn(self.expire(key, uid))))
+        finally:
+            RECONCILE_SECONDS.labels("ttl").observe(time.perf_counter() - began)

@@ -27,6 +27,10 @@ CHILD_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY},{JOB_LABEL}"
 
 # The part of the spec a created Job embodies (its pod template is immutable); see `template_hash`.
 SPEC_HASH_ANNOTATION = "kontext-lora.io/spec-hash"
+# The KontextLoRAJob's `spec.suspend` last applied to the Job ("true"/"false"). The operator changes the Job's
+# `suspend` only when the job's field differs from this, i.e. when the user changed it, never because Kueue (or
+# another controller) suspended or resumed the Job; and a restarted operator still sees a change it missed.
+SUSPEND_ANNOTATION = "kontext-lora.io/applied-suspend"
 # Kueue: a KontextLoRAJob in a queue hands these labels to its batch Job, so Kueue's built-in batch/v1 Job
 # integration admits, suspends and preempts the object that actually holds the GPU (docs/operator.md).
 KUEUE_LABELS = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
@@ -177,6 +181,10 @@ def template_hash(job: KontextLoRAJob) -> str:
     return hashlib.sha256(json.dumps(essence, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def suspend_value(suspend: bool) -> str:
+    return "true" if suspend else "false"
+
+
 def pod_failure_policy() -> dict[str, Any]:
     return {
         "rules": [
@@ -288,5 +296,8 @@ def batch_job(job: KontextLoRAJob, config: OperatorConfig) -> dict[str, Any]:
     if run_policy.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = run_policy.active_deadline_seconds
     metadata = _metadata(job, name, job_labels)
-    metadata["annotations"] = {SPEC_HASH_ANNOTATION: template_hash(job)}
+    metadata["annotations"] = {
+        SPEC_HASH_ANNOTATION: template_hash(job),
+        SUSPEND_ANNOTATION: suspend_value(spec.suspend),
+    }
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}

@@ -14,7 +14,15 @@ from typing import Any
 
 from kontext_lora.api import ConditionType, Phase, Stage
 
-from .resources import CONTAINER, EXIT_INVALID_INPUT, EXIT_STORAGE_UNREACHABLE, SPEC_HASH_ANNOTATION
+from .resources import (
+    CONTAINER,
+    EXIT_INVALID_INPUT,
+    EXIT_STORAGE_UNREACHABLE,
+    JOB_LABEL,
+    SPEC_HASH_ANNOTATION,
+    SUSPEND_ANNOTATION,
+)
+from .timestamps import parse_time
 
 OPERATOR_KEYS = (
     "phase",
@@ -32,38 +40,56 @@ MAX_MESSAGE = 8192
 MAX_CONDITION_MESSAGE = 4096
 JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
 EXIT_CODE_REASONS = {EXIT_INVALID_INPUT: "InvalidInput", EXIT_STORAGE_UNREACHABLE: "StorageUnreachable"}
+# The only Job and pod conditions `observe` reads; the rest is not kept in memory.
+JOB_CONDITIONS = ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget", "Suspended")
+POD_CONDITIONS = ("PodScheduled", "DisruptionTarget")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# What the operator keeps of the objects it watches (small: it must hold ~1,000 jobs in memory).
+# What the operator keeps of the Jobs and pods it watches (small: it must hold thousands in memory). Both carry
+# `namespace` and `job` (the KontextLoRAJob's name, from the `kontext-lora.io/job` label) for the stores.
 
 
 def trim_job(body: dict[str, Any]) -> dict[str, Any]:
-    metadata, spec, status = body.get("metadata", {}), body.get("spec", {}), body.get("status") or {}
-    return {
+    metadata, spec, status = body.get("metadata") or {}, body.get("spec") or {}, body.get("status") or {}
+    trimmed = {
+        "namespace": metadata.get("namespace"),
+        "job": (metadata.get("labels") or {}).get(JOB_LABEL),
         "name": metadata.get("name"),
         "uid": metadata.get("uid"),
         "owners": [ref.get("uid") for ref in metadata.get("ownerReferences") or []],
         "specHash": (metadata.get("annotations") or {}).get(SPEC_HASH_ANNOTATION),
+        "appliedSuspend": (metadata.get("annotations") or {}).get(SUSPEND_ANNOTATION),
         "deleting": bool(metadata.get("deletionTimestamp")),
         "suspend": bool(spec.get("suspend")),
         "backoffLimit": spec.get("backoffLimit"),
         "activeDeadlineSeconds": spec.get("activeDeadlineSeconds"),
         "status": {
             key: status.get(key)
-            for key in ("conditions", "active", "failed", "succeeded", "startTime", "completionTime")
+            for key in ("active", "failed", "succeeded", "startTime", "completionTime")
             if status.get(key) is not None
         },
     }
+    conditions = [
+        {k: c[k] for k in ("type", "status", "reason", "message", "lastTransitionTime") if c.get(k) is not None}
+        for c in status.get("conditions") or ()
+        if c.get("type") in JOB_CONDITIONS
+    ]
+    if conditions:
+        trimmed["status"]["conditions"] = conditions
+    return trimmed
 
 
 def trim_pod(body: dict[str, Any]) -> dict[str, Any]:
-    metadata, spec, status = body.get("metadata", {}), body.get("spec", {}), body.get("status") or {}
+    metadata, spec, status = body.get("metadata") or {}, body.get("spec") or {}, body.get("status") or {}
+    labels = metadata.get("labels") or {}
     containers = [c for c in status.get("containerStatuses") or [] if c.get("name") == CONTAINER]
     return {
+        "namespace": metadata.get("namespace"),
+        "job": labels.get(JOB_LABEL),
         "name": metadata.get("name"),
         "uid": metadata.get("uid"),
-        "jobUid": (metadata.get("labels") or {}).get(JOB_UID_LABEL),
+        "jobUid": labels.get(JOB_UID_LABEL),
         "created": metadata.get("creationTimestamp"),
         "deleting": bool(metadata.get("deletionTimestamp")),
         "nodeName": spec.get("nodeName"),
@@ -72,8 +98,23 @@ def trim_pod(body: dict[str, Any]) -> dict[str, Any]:
         "conditions": [
             {k: c.get(k) for k in ("type", "status", "reason", "message") if c.get(k) is not None}
             for c in status.get("conditions") or []
+            if c.get("type") in POD_CONDITIONS
         ],
-        "state": containers[0].get("state", {}) if containers else {},
+        "state": _container_state(containers[0].get("state") or {}) if containers else {},
+    }
+
+
+def _container_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The trainer container's state with only what the status reads (its termination message included)."""
+    kept = {
+        "waiting": ("reason", "message"),
+        "running": ("startedAt",),
+        "terminated": ("exitCode", "reason", "message", "finishedAt"),
+    }
+    return {
+        name: {k: value[k] for k in keys if value.get(k) is not None}
+        for name, keys in kept.items()
+        if isinstance(value := state.get(name), dict)
     }
 
 
@@ -136,20 +177,11 @@ def _last_failed(pods: list[dict]) -> dict | None:
     return max(failed, key=lambda p: (_terminated(p).get("finishedAt") or "", p.get("created") or ""))
 
 
-def _parse_time(value: str | None) -> datetime | None:
-    if not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
 def _running_phase(status: dict, pod: dict) -> Phase:
     """While the pod runs, the phase mirrors the trainer's stage (stale stages of an earlier pod are ignored)."""
     stage = status.get("stage")
-    reported = _parse_time(status.get("lastProgressTime"))
-    started = _parse_time(((pod.get("state") or {}).get("running") or {}).get("startedAt") or pod.get("startTime"))
+    reported = parse_time(status.get("lastProgressTime"))
+    started = parse_time(((pod.get("state") or {}).get("running") or {}).get("startedAt") or pod.get("startTime"))
     if stage and reported and started and reported < started:
         stage = None
     return {
@@ -196,7 +228,13 @@ def observe(
     job_status = job.get("status") or {}
     conditions = job_status.get("conditions")
     failed_pods = int(job_status.get("failed") or 0)
-    start_time = status.get("startTime") or job_status.get("startTime")
+    # The job controller sets the Job's startTime in a status write after it made the pod; the pod's watch event can
+    # come first. The first pod's creation is the same moment near enough.
+    start_time = (
+        status.get("startTime")
+        or job_status.get("startTime")
+        or min((p["created"] for p in pods if p.get("created")), default=None)
+    )
     last_failure = _last_failed(pods)
 
     if complete := (_condition(conditions, "Complete") or _condition(conditions, "SuccessCriteriaMet")):

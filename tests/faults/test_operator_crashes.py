@@ -79,13 +79,15 @@ class Invariants(threading.Thread):
 
 
 def standby_paused(log: str) -> bool:
-    """Paused in favour of a higher priority, with its three watch streams blocked. kopf's pause is best-effort
+    """Paused in favour of a higher priority: kopf's KontextLoRAJob watch-stream blocked, and the operator's own
+    peering gate (which guards the writes its Job and pod watches trigger) closed. kopf's pause is best-effort
     until then: a listing already in flight is still handled (seen here: a standby started just before the active
     created two Jobs from such a listing; the active adopted them, so there was still one Job per job)."""
     after = log.split("Pausing operations in favour of", 1)
-    return len(after) == 2 and all(
-        f"Pausing the watch-stream for {kind}" in after[1]
-        for kind in ("kontextlorajobs.v1alpha1.kontext-lora.io", "jobs.v1.batch", "pods.v1")
+    return (
+        len(after) == 2
+        and "Pausing the watch-stream for kontextlorajobs.v1alpha1.kontext-lora.io" in after[1]
+        and "pausing the Job and pod watches' writes" in log
     )
 
 
@@ -187,6 +189,7 @@ def test_operator_killed_ten_times_while_reconciling_twenty_jobs(
     assert not {i for i in instances if i and i.startswith(f"{standby.name}-")}, instances
     after_pause = standby.log_path.read_text()[paused_at:]
     assert "Resuming operations after the pause" not in after_pause, "the standby took over while the active lived"
+    assert "resuming the Job and pod watches' writes" not in after_pause, "the standby's peering gate opened"
     verbs = ('"POST /', '"PATCH /', '"PUT /', '"DELETE /')
     writes = [
         line

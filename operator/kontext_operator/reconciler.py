@@ -496,37 +496,24 @@ class Reconciler:
             try:
                 await self._create_or_adopt(key, resources.service_account(job), uid)
             except KubeError as error:
-                self.problems[key] = Problem("CreateFailed", f"could not create the trainer's objects: {error}")
-                raise Retry(str(error), 5) from None
-            rbac = asyncio.ensure_future(self._ensure_role_and_binding(key, job, uid))
-            try:
-                batch, created = await self._create_or_adopt(key, desired, uid)
-            except KubeError as error:
-                await asyncio.gather(rbac, return_exceptions=True)
-                self.problems[key] = Problem("CreateFailed", f"could not create the trainer's objects: {error}")
-                raise Retry(str(error), 5) from None
-            except BaseException:
-                rbac.cancel()
-                raise
-            current = trim_job(batch)
-            if self.children is not None:
-                self.children.jobs.put(current)  # before its watch event: the next sync already sees it
-            self.problems.pop(key, None)
-            if created:  # not when an earlier run (before a restart) made it and this one adopted it
-                await self.event(
-                    body, "Normal", "JobCreated", f"created batch Job {desired['metadata']['name']} for the trainer"
-                )
-            # The job's first status (Pending) goes out with its Job, not after the RBAC objects: on a fast node
-            # the pod may already run by then.
-            await self.sync(*key)
-            await rbac
-            return current
+                raise self._create_failed(key, error) from None
+            made, rbac = await asyncio.gather(
+                self._create_job(body, key, desired, uid),
+                self._ensure_role_and_binding(key, job, uid),
+                return_exceptions=True,
+            )
+            for outcome in (made, rbac):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            assert isinstance(made, dict)
+            return made
         if key not in self._rbac_known:  # an operator killed between the Job and its RoleBinding left none
             binding = resources.role_binding(job)["metadata"]["name"]
             path = object_path("RoleBinding", namespace, binding)
             if await self.kube.get(path, priority=Priority.CHANGE, order=self._order.get(key)) is None:
                 await self._ensure_role_and_binding(key, job, uid)
-            self._rbac_known.add(key)
+            else:
+                self._rbac_known.add(key)
         if current.get("deleting"):
             raise Retry(f"waiting for the replaced Job {current['name']} to be deleted", 1, error=False)
         if current.get("specHash") != desired["metadata"]["annotations"][resources.SPEC_HASH_ANNOTATION]:
@@ -535,15 +522,37 @@ class Reconciler:
         self.problems.pop(key, None)
         return current
 
+    async def _create_job(self, body: Mapping[str, Any], key: Key, desired: dict, uid: str | None) -> dict:
+        """The batch Job (or the one an earlier run made), trimmed; the job's first status goes out with it."""
+        try:
+            batch, created = await self._create_or_adopt(key, desired, uid)
+        except KubeError as error:
+            raise self._create_failed(key, error) from None
+        current = trim_job(batch)
+        if self.children is not None:
+            self.children.jobs.put(current)  # before its watch event: the next sync already sees it
+        self.problems.pop(key, None)
+        if created:  # not when an earlier run (before a restart) made it and this one adopted it
+            await self.event(
+                body, "Normal", "JobCreated", f"created batch Job {desired['metadata']['name']} for the trainer"
+            )
+        # Not after the RBAC objects: on a fast node the pod may already run by then, and Pending would be skipped.
+        await self.sync(*key)
+        return current
+
     async def _ensure_role_and_binding(self, key: Key, job: KontextLoRAJob, uid: str | None) -> None:
         """The trainer's Role and RoleBinding; a failure is retried by the job's next reconcile (Retry)."""
         try:
             await self._create_or_adopt(key, resources.role(job), uid, Priority.CHANGE)
             await self._create_or_adopt(key, resources.role_binding(job), uid, Priority.CHANGE)
         except KubeError as error:
-            self.problems[key] = Problem("CreateFailed", f"could not create the trainer's Role: {error}")
-            raise Retry(str(error), 5) from None
+            raise self._create_failed(key, error) from None
         self._rbac_known.add(key)
+
+    def _create_failed(self, key: Key, error: KubeError) -> Retry:
+        """Shown in status while the job has no Job; the job is reconciled again in 5 s."""
+        self.problems[key] = Problem("CreateFailed", f"could not create the trainer's objects: {error}")
+        return Retry(str(error), 5)
 
     async def _create_or_adopt(
         self, key: Key, manifest: dict, uid: str | None, priority: Priority = Priority.CREATE

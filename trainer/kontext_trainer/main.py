@@ -126,10 +126,8 @@ def execute(
 
 
 def _interrupted(settings: TrainerSettings, interrupted: Interrupted, resume_hint: str) -> ExitCode:
-    if interrupted.checkpoint is not None:
-        message = f"{interrupted.describe()}; {resume_hint} from it"
-    else:
-        message = f"{interrupted.describe()}; {resume_hint} from the newest complete checkpoint"
+    start = "it" if interrupted.checkpoint is not None else "the newest complete checkpoint"
+    message = f"{interrupted.describe()}; {resume_hint} from {start}"
     log.warning(
         "%s",
         message,

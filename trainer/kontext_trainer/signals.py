@@ -155,9 +155,10 @@ class StopSignals:
         )
 
     def _abort(self, signum: int) -> NoReturn:
+        aborted = Interrupted(signum, aborted=True)
         try:
             if self.on_abort is not None:
-                self.on_abort(Interrupted(signum, aborted=True).describe())
+                self.on_abort(aborted.describe())
         finally:
             for handler in logging.getLogger().handlers:
                 with contextlib.suppress(Exception):
@@ -165,4 +166,4 @@ class StopSignals:
             for stream in (sys.stdout, sys.stderr):
                 with contextlib.suppress(Exception):
                     stream.flush()
-            os._exit(128 + signum)
+            os._exit(aborted.exit_code)

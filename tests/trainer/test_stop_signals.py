@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -58,9 +59,12 @@ def _start(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
         return subprocess.Popen([KONTEXT_LORA, *args], stdout=handle, stderr=subprocess.STDOUT, env=env)
 
 
-def _wait(process: subprocess.Popen, timeout: float) -> int:
+def _wait(process: subprocess.Popen, timeout: float, log: Path) -> int:
+    """The exit code; a process still running after `timeout` is killed and its log's end shown."""
     try:
         return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running {timeout:.0f}s after the signal; its log ends:\n{log.read_text()[-6000:]}")
     finally:
         if process.poll() is None:
             process.kill()
@@ -88,7 +92,7 @@ def test_sigterm_between_checkpoints_saves_the_step_reached_and_the_restart_lose
         process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
     finally:
-        code = _wait(process, timeout=120)
+        code = _wait(process, timeout=120, log=tmp_path / "stopped.log")
     seconds = time.monotonic() - signalled
     output = (tmp_path / "stopped.log").read_text()
     assert code == ExitCode.TERMINATED == 143, output[-4000:]
@@ -148,7 +152,7 @@ def test_a_second_ctrl_c_during_the_checkpoint_upload_aborts_at_once(
             process.send_signal(signal.SIGINT)
             aborted_at = time.monotonic()
         finally:
-            code = _wait(process, timeout=30)
+            code = _wait(process, timeout=30, log=tmp_path / "aborted.log")
         seconds = time.monotonic() - aborted_at
     finally:
         upload.release(drop=True)
@@ -175,7 +179,7 @@ def test_sigterm_before_training_exits_at_once_without_a_checkpoint(
         wait_for(lambda: "stage: Training" in log.read_text() or process.poll() is not None, 300, "stage Training")
         process.send_signal(signal.SIGTERM)
     finally:
-        code = _wait(process, timeout=60)
+        code = _wait(process, timeout=60, log=log)
     output = log.read_text()
     assert code == ExitCode.TERMINATED, output[-4000:]
     expected = "stopped by SIGTERM before training: no new checkpoint (nothing trained yet in this run)"
@@ -192,7 +196,7 @@ def test_ctrl_c_in_the_demo_saves_a_checkpoint_and_prints_how_to_resume(tmp_path
         reached = wait_for_step(process, port, 1)
         process.send_signal(signal.SIGINT)
     finally:
-        code = _wait(process, timeout=120)
+        code = _wait(process, timeout=120, log=tmp_path / "demo.log")
     output = (tmp_path / "demo.log").read_text()
     assert code == ExitCode.INTERRUPTED, output[-4000:]
     work = work.resolve()
@@ -200,6 +204,34 @@ def test_ctrl_c_in_the_demo_saves_a_checkpoint_and_prints_how_to_resume(tmp_path
     [stopped] = STOPPED.findall(output)
     step = int(stopped[1])
     assert step >= reached and (work / "lora" / "checkpoints" / f"step-{step:06d}" / "COMPLETE").is_file()
+
+
+# The main thread waits on a lock with no timeout (as for an upload a hung S3 server holds) while both signals land
+# on another thread: Python would run its handler only when the main thread next runs bytecode — never, here.
+SIGNALS_ON_ANOTHER_THREAD = """
+import signal, sys, threading
+from kontext_trainer.signals import StopSignals
+
+stop = StopSignals(on_abort=lambda message: print("on_abort:", message, flush=True))
+
+def signal_this_thread_twice():
+    for _ in range(2):
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+
+with stop.installed(), stop.deferred("finishing the upload"):
+    threading.Thread(target=signal_this_thread_twice).start()
+    threading.Event().wait()
+print("not aborted", flush=True)
+"""
+
+
+def test_a_second_signal_aborts_even_when_another_thread_receives_it_and_the_main_thread_is_blocked() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", SIGNALS_ON_ANOTHER_THREAD], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == ExitCode.INTERRUPTED, result.stdout + result.stderr
+    assert "SIGINT received: finishing the upload (a second Ctrl-C aborts at once)" in result.stderr, result.stderr
+    assert "on_abort: aborted by a second SIGINT" in result.stdout and "not aborted" not in result.stdout
 
 
 def test_a_signal_is_noted_while_deferred_raises_otherwise_and_the_handlers_are_restored() -> None:

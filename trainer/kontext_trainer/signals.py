@@ -16,6 +16,12 @@ termination message), then `os._exit` — not an exception, whose unwinding woul
 COMPLETE marker and is deleted by the next run. Either way the process exits 128 + the signal's number (143 for
 SIGTERM, what Kubernetes reports for a terminated container; 130 for SIGINT).
 
+The second signal is counted and acted on by a watcher thread, not by the Python-level handler: the kernel may
+deliver a process-directed signal to any thread, and Python then runs the handler only when the main thread next
+executes bytecode — never, while it waits on a lock for an upload held by a hung S3 server (seen in CI: the
+abort waited out the test's 30 s). The C-level handler writes every signal's number to a wakeup socket
+(`signal.set_wakeup_fd`) whichever thread it lands on; the watcher reads it at once.
+
 `Interrupted` is a `KeyboardInterrupt`, so no `except Exception` swallows it and libraries unwind as they do for
 Ctrl-C (boto3's transfer manager cancels its queued transfers). Handlers can only be installed from the main
 thread; elsewhere (a run inside another program's worker thread) the process keeps its own handlers. In a
@@ -29,6 +35,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator
@@ -100,6 +107,9 @@ class StopSignals:
         self.on_abort = on_abort
         self._deferring: str | None = None  # what a first signal lets finish, while deferred
         self._previous: dict[int, Any] = {}
+        self._lock = threading.RLock()  # RLock: the main thread's handler may interrupt itself
+        self._delivered = 0  # signals the watcher has read
+        self._handled = 0  # signals the main thread's handler has run for (Python may merge repeats)
 
     @property
     def requested(self) -> bool:
@@ -121,6 +131,11 @@ class StopSignals:
             log.debug("not on the main thread: SIGTERM/SIGINT keep their handlers (no checkpoint on stop)")
             yield self
             return
+        reader, writer = socket.socketpair()
+        writer.setblocking(False)  # set_wakeup_fd requires it: the C handler must never block
+        watcher = threading.Thread(target=self._watch, args=(reader,), name="stop-signals", daemon=True)
+        watcher.start()
+        previous_wakeup = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
         for signum in STOP_SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
         try:
@@ -129,6 +144,10 @@ class StopSignals:
             for signum, handler in self._previous.items():
                 signal.signal(signum, handler)
             self._previous.clear()
+            signal.set_wakeup_fd(previous_wakeup)
+            writer.close()  # the watcher reads end-of-file and returns
+            watcher.join(timeout=5)
+            reader.close()
 
     @contextmanager
     def deferred(self, finishing: str) -> Iterator[None]:
@@ -141,18 +160,38 @@ class StopSignals:
             self._deferring = previous
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.signum is not None:
-            self._abort(signum)
-        self.signum = signum
-        if self._deferring is None:
+        """The Python-level handler (main thread, between bytecodes): outside `deferred`, a first signal raises."""
+        with self._lock:
+            self._handled += 1
+            first = self._handled == 1
+            if self.signum is None:
+                self.signum = signum
+        if first and self._deferring is None:
             raise Interrupted(signum)
-        # Python runs handlers in the main thread between bytecodes (not in C signal context): logging is safe.
-        log.warning(
-            "%s received: %s (a second %s aborts at once)",
-            self.name,
-            self._deferring,
-            "Ctrl-C" if signum == signal.SIGINT else self.name,
-        )
+
+    def _watch(self, reader: socket.socket) -> None:
+        """Read the signal numbers the C-level handler writes to the wakeup socket, as they arrive."""
+        while data := reader.recv(64):
+            for signum in data:
+                if signum in STOP_SIGNALS:
+                    self._on_delivery(signum)
+
+    def _on_delivery(self, signum: int) -> None:
+        with self._lock:
+            self._delivered += 1
+            first = self._delivered == 1
+            if self.signum is None:
+                self.signum = signum
+        if not first:
+            self._abort(signum)
+        deferring = self._deferring
+        if deferring is not None:
+            log.warning(
+                "%s received: %s (a second %s aborts at once)",
+                signal_name(signum),
+                deferring,
+                "Ctrl-C" if signum == signal.SIGINT else signal_name(signum),
+            )
 
     def _abort(self, signum: int) -> NoReturn:
         aborted = Interrupted(signum, aborted=True)

@@ -246,6 +246,17 @@ class LocalStorage(Storage):
 
 _T = TypeVar("_T")
 _retrying = threading.local()
+TRANSFER_POLL_SECONDS = 0.1
+
+
+def _wait_for(futures: Sequence[Any]) -> None:
+    """Wait for s3transfer futures, raising the first failure. Waking every TRANSFER_POLL_SECONDS rather than
+    blocking in `result()`: Python runs signal handlers only when the main thread executes bytecode, and a SIGTERM
+    the kernel delivers to a transfer thread must stop a long model download now, not when its file is done."""
+    for future in futures:
+        while not future.done():
+            time.sleep(TRANSFER_POLL_SECONDS)
+        future.result()
 
 
 def _retried(method: Callable[..., _T]) -> Callable[..., _T]:
@@ -447,8 +458,7 @@ class S3Storage(Storage):
                     futures.append(
                         manager.download(self.bucket, self._key(key), str(paths[key]), subscribers=[_Done(key)])
                     )
-                for future in futures:
-                    future.result()
+                _wait_for(futures)
             manifest.update({key: listing[key].etag for key in todo})
             partial = manifest_path.with_name(manifest_path.name + ".partial")
             partial.write_text(json.dumps(manifest, indent=0, sort_keys=True))
@@ -461,9 +471,7 @@ class S3Storage(Storage):
         if not items:
             return
         with self._errors("upload to", items[0][1]), self._transfer_manager() as manager:
-            futures = [manager.upload(str(path), self.bucket, self._key(key)) for path, key in items]
-            for future in futures:
-                future.result()
+            _wait_for([manager.upload(str(path), self.bucket, self._key(key)) for path, key in items])
 
     @_retried
     def get_bytes(self, key: str) -> bytes:

@@ -209,7 +209,7 @@ def test_ctrl_c_in_the_demo_saves_a_checkpoint_and_prints_how_to_resume(tmp_path
 # The main thread waits on a lock with no timeout (as for an upload a hung S3 server holds) while both signals land
 # on another thread: Python would run its handler only when the main thread next runs bytecode — never, here.
 SIGNALS_ON_ANOTHER_THREAD = """
-import signal, sys, threading
+import signal, threading
 from kontext_trainer.signals import StopSignals
 
 stop = StopSignals(on_abort=lambda message: print("on_abort:", message, flush=True))

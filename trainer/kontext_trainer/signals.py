@@ -184,14 +184,10 @@ class StopSignals:
                 self.signum = signum
         if not first:
             self._abort(signum)
-        deferring = self._deferring
+        deferring, name = self._deferring, signal_name(signum)
         if deferring is not None:
-            log.warning(
-                "%s received: %s (a second %s aborts at once)",
-                signal_name(signum),
-                deferring,
-                "Ctrl-C" if signum == signal.SIGINT else signal_name(signum),
-            )
+            again = "Ctrl-C" if signum == signal.SIGINT else name
+            log.warning("%s received: %s (a second %s aborts at once)", name, deferring, again)
 
     def _abort(self, signum: int) -> NoReturn:
         aborted = Interrupted(signum, aborted=True)

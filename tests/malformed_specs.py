@@ -136,7 +136,17 @@ MALFORMED: list[Malformed] = [
     Malformed("output-name-path", _set("output.name", "../escape"), "spec.output.name"),
     Malformed("trigger-word-no-comma", _set("dataset.triggerWord", "XM"), "spec.dataset.triggerWord"),
     Malformed("trigger-word-leading-space", _set("dataset.triggerWord", " XM,"), "spec.dataset.triggerWord"),
-    Malformed("resolution-768", _set("dataset.resolution", 768), "spec.dataset.resolution"),
+    Malformed("resolution-640", _set("dataset.resolution", 640), "spec.dataset.resolution"),
+    Malformed("resolutions-empty", _set("dataset.resolutions", []), "spec.dataset.resolutions"),
+    Malformed("resolutions-640", _set("dataset.resolutions", [512, 640]), "spec.dataset.resolutions"),
+    Malformed("resolutions-repeated", _set("dataset.resolutions", [1024, 1024]), "spec.dataset.resolutions"),
+    Malformed("resolutions-without-resolution", _set("dataset.resolutions", [512, 768]), "spec.dataset.resolutions"),
+    Malformed("caption-dropout-0.9", _set("training.captionDropout", 0.9), "spec.training.captionDropout"),
+    Malformed(
+        "attention-backend-unknown", _set("training.attentionBackend", "xformers"), "spec.training.attentionBackend"
+    ),
+    Malformed("compile-word", _set("training.compile", "fast"), "spec.training.compile"),
+    Malformed("modulation-word", _set("lora.modulation", "yes"), "spec.lora.modulation"),
     Malformed("control-equals-target", _set("dataset.controlDir", "remover_images"), "spec.dataset.targetDir"),
     Malformed("control-dir-absolute", _set("dataset.controlDir", "/remover_controls"), "spec.dataset.controlDir"),
     Malformed("caption-extension-no-dot", _set("dataset.captionExtension", "txt"), "spec.dataset.captionExtension"),

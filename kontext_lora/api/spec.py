@@ -10,7 +10,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated, ClassVar, Literal
 
-from pydantic import Field, StrictBool, StrictInt
+from pydantic import Field, StrictBool, StrictInt, field_validator
 
 from .base import ApiModel
 from .rules import CrossFieldRule, CrossFieldRules
@@ -77,9 +77,19 @@ class DatasetSpec(CrossFieldRules, ApiModel):
     trigger_word: Annotated[str, Field(min_length=2, max_length=64, pattern=TRIGGER_WORD)] | None = Field(
         None, description='Word prefixed to every caption; must end with a comma, e.g. "XM,".'
     )
-    resolution: Literal[512, 1024] = Field(
+    resolution: Literal[512, 768, 1024] = Field(
         1024,
-        description="Training resolution bucket: images are resized (aspect kept) to about this many pixels per side.",
+        description="Training resolution: images are resized (aspect kept) to about this many pixels per side. With "
+        "`resolutions`, the primary one of them (the flux_shift held-out timesteps are taken at its token count).",
+    )
+    resolutions: list[Literal[512, 768, 1024]] | None = Field(
+        None,
+        min_length=1,
+        max_length=3,
+        description="Train at several resolutions (e.g. [512, 768], as ai-toolkit's Kontext example): every pair gets "
+        "a bucket at each, a batch never mixes them, held-out pairs are measured at each. Must include `resolution`. "
+        "Unset: `resolution` alone.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
     )
     held_out_pairs: StrictInt = Field(
         2,
@@ -96,7 +106,26 @@ class DatasetSpec(CrossFieldRules, ApiModel):
             field_path=".targetDir",
             holds=lambda d: d.control_dir != d.target_dir,
         ),
+        CrossFieldRule(
+            cel="!has(self.resolutions) || self.resolution in self.resolutions",
+            message="must include resolution, the primary one: set resolution to one of them",
+            field_path=".resolutions",
+            holds=lambda d: d.resolutions is None or d.resolution in d.resolutions,
+        ),
     )
+
+    @field_validator("resolutions")
+    @classmethod
+    def _no_repeated_resolution(cls, value: list[int] | None) -> list[int] | None:
+        # The apiserver refuses repeats through x-kubernetes-list-type: set.
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"must not repeat a resolution, got {value}")
+        return value
+
+    @property
+    def training_resolutions(self) -> tuple[int, ...]:
+        """Every resolution trained at, ascending."""
+        return tuple(sorted(set(self.resolutions or [self.resolution])))
 
 
 class TargetModules(StrEnum):
@@ -120,6 +149,11 @@ class LoraSpec(ApiModel):
     target_modules: TargetModules = Field(
         TargetModules.default, description="Which transformer projections get adapters."
     )
+    modulation: StrictBool = Field(
+        False,
+        description="Also adapt the AdaLN modulation projections of every block (norm1.linear, norm1_context.linear, "
+        "single blocks' norm.linear), as ai-toolkit does; diffusers' example and musubi-tuner leave them out.",
+    )
 
 
 class Optimizer(StrEnum):
@@ -136,10 +170,27 @@ class LrScheduler(StrEnum):
 
 class TimestepSampling(StrEnum):
     shift = "shift"
-    """Logit-normal draws pushed towards high noise by `timestepShift` (AI-Toolkit's Flux default)."""
+    """Logit-normal draws pushed towards high noise by the fixed `timestepShift`, with the map FLUX's scheduler
+    applies to its sigmas (s·t / (1 + (s - 1)·t))."""
+    flux_shift = "flux_shift"
+    """Logit-normal draws shifted by what FluxKontextPipeline's dynamic shift gives the bucket's image token count
+    (about 1.9 at 512², 3.2 at 1024²), as musubi-tuner's `flux_shift`."""
     sigmoid = "sigmoid"
-    """Plain logit-normal (sigmoid of a standard normal)."""
+    """Plain logit-normal (sigmoid of a standard normal): ai-toolkit's default `timestep_type`."""
     uniform = "uniform"
+    """t uniform in (0, 1)."""
+    weighted = "weighted"
+    """ai-toolkit's `weighted` (its Kontext example): t uniform on its 1000-step grid, the loss weighted by t."""
+
+
+class AttentionBackend(StrEnum):
+    auto = "auto"
+    """PyTorch picks (flash or memory-efficient attention on a GPU)."""
+    flash = "flash"
+    efficient = "efficient"
+    cudnn = "cudnn"
+    math = "math"
+    """The unfused reference: materialises the attention matrix; for debugging."""
 
 
 StepsAuto = Literal["auto"]
@@ -180,6 +231,22 @@ class TrainingSpec(CrossFieldRules, ApiModel):
         TimestepSampling.shift, description="How flow-matching timesteps are drawn."
     )
     timestep_shift: float = Field(3.0, gt=0.0, le=10.0, description="Shift applied when timestepSampling is shift.")
+    caption_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        le=0.5,
+        description="Probability that a sample trains with its caption dropped: the trigger word alone (the empty "
+        "caption without one), as ai-toolkit drops captions (5 % in its Kontext example).",
+    )
+    attention_backend: AttentionBackend = Field(
+        AttentionBackend.auto,
+        description="Scaled-dot-product attention kernel (efficient and cudnn need a CUDA GPU; math is for debugging).",
+    )
+    compile: StrictBool = Field(
+        False,
+        description="torch.compile every transformer block (regional compilation): faster GPU steps after a "
+        "one-off compile at start.",
+    )
 
     cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
         CrossFieldRule(

@@ -1,15 +1,23 @@
-"""Which pairs form each micro-batch: shuffled every epoch, never mixing resolution buckets.
+"""Which pairs form each micro-batch: shuffled every epoch, never mixing resolution buckets; and which of their
+captions are dropped.
 
-The order is a pure function of (seed, micro-batch index), so a resumed run draws exactly the batches the
+With several training resolutions every pair is one sample per resolution (`data.dataset.training_samples`), each
+in its own bucket, so an epoch holds pairs x resolutions samples and a batch holds one resolution. The order and the
+dropped captions are pure functions of (seed, micro-batch index), so a resumed run draws exactly the batches the
 uninterrupted run would have, without saving any sampler state.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Hashable, Sequence
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .encoding import EncodedPair, TextEmbedding
 
 _MIX = 1_000_003
 
@@ -51,3 +59,31 @@ class BatchSchedule:
 def micro_batch_generator(seed: int, micro_batch: int) -> torch.Generator:
     """The CPU generator that draws one micro-batch's noise and timesteps."""
     return torch.Generator().manual_seed((seed * _MIX + 17 + micro_batch * 7919) % 2**63)
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionDropout:
+    """Replaces each sample's caption embedding by `dropped`'s with `probability`, drawn per micro-batch from a
+    generator of its own (the noise and timestep draws do not change when dropout is turned on)."""
+
+    probability: float
+    seed: int
+    dropped: TextEmbedding | None = None
+
+    def __post_init__(self) -> None:
+        if self.probability > 0 and self.dropped is None:
+            raise ValueError("caption dropout needs the dropped caption's embedding")
+
+    def mask(self, micro_batch: int, size: int) -> list[bool]:
+        if self.probability <= 0:
+            return [False] * size
+        generator = torch.Generator().manual_seed((self.seed * _MIX + 31 + micro_batch * 104_729) % 2**63)
+        return (torch.rand(size, generator=generator) < self.probability).tolist()
+
+    def apply(self, items: list[EncodedPair], micro_batch: int) -> list[EncodedPair]:
+        if self.probability <= 0:
+            return items
+        return [
+            dataclasses.replace(item, text=self.dropped) if drop else item
+            for item, drop in zip(items, self.mask(micro_batch, len(items)), strict=True)
+        ]

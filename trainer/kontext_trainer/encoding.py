@@ -98,14 +98,21 @@ class DatasetEncoder:
         return self.cache_dir / kind / f"{key}.safetensors"
 
     def encode(
-        self, pairs: list[TrainingPair], cache_latents: bool, keep_vae: bool, show_progress: bool = True
+        self,
+        pairs: list[TrainingPair],
+        cache_latents: bool,
+        keep_vae: bool,
+        show_progress: bool = True,
+        extra_captions: tuple[str, ...] = (),
     ) -> tuple[list[EncodedPair], LatentEncoder | None]:
-        """Encoded pairs (same order), and the VAE encoder when it must stay loaded (else None)."""
-        texts = self._encode_texts(sorted({p.caption for p in pairs}), show_progress)
+        """Encoded pairs (same order), and the VAE encoder when it must stay loaded (else None). The embeddings of
+        every caption, `extra_captions` (a dropped caption) included, are then in `self.texts`."""
+        texts = self._encode_texts(sorted({p.caption for p in pairs} | set(extra_captions)), show_progress)
+        self.texts = texts
         encoder: LatentEncoder | None = None
         encoded = []
-        latent_paths = {p.stem: self._path("latents", f"{p.identity}|{self.vae_dtype}") for p in pairs}
-        todo = {p.stem for p in pairs if not latent_paths[p.stem].is_file()} if cache_latents else set()
+        latent_paths = {p.identity: self._path("latents", f"{p.identity}|{self.vae_dtype}") for p in pairs}
+        todo = {p.identity for p in pairs if not latent_paths[p.identity].is_file()} if cache_latents else set()
         if todo or keep_vae or not cache_latents:
             encoder = LatentEncoder(load_vae(self.model_dir, self.vae_dtype, self.device))
         with tqdm(total=len(todo), desc="encoding images", unit="pair", disable=not (show_progress and todo)) as bar:
@@ -114,8 +121,8 @@ class DatasetEncoder:
                 latent_hw = (height // self.latent_scale, width // self.latent_scale)
                 item = EncodedPair(pair=pair, text=texts[pair.caption], latent_hw=latent_hw)
                 if cache_latents:
-                    path = latent_paths[pair.stem]
-                    if pair.stem in todo:
+                    path = latent_paths[pair.identity]
+                    if pair.identity in todo:
                         target, control = encoder.encode_pair(pair)
                         _save(path, {"target": target, "control": control})
                         bar.update()

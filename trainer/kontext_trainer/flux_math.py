@@ -10,13 +10,18 @@ exactly the inputs it gets when used:
 - Flow matching: x_t = (1 - t) * x0 + t * noise, the model predicts the velocity (noise - x0), t in (0, 1) is
   passed as the timestep (the transformer multiplies it by 1000, as the pipeline's `timestep / 1000` undoes).
 - The loss is the MSE on the target tokens only; the control tokens' outputs are discarded.
+- Timesteps: logit-normal, shifted (a fixed shift, or the pipeline's resolution-dependent one), uniform, or
+  ai-toolkit's `weighted` (uniform t, loss weighted per timestep); see `sample_sigmas`.
 
 Nothing here holds state, so benchmarks can call these with any `FluxTransformer2DModel` and any tensors.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -76,8 +81,122 @@ def kontext_image_ids(
     )
 
 
+def image_tokens(width: int, height: int) -> int:
+    """Packed tokens of a width x height image (VAE scale 8, then 2x2 patches): the pipeline's `image_seq_len`."""
+    return (height // (8 * VAE_PATCH)) * (width // (8 * VAE_PATCH))
+
+
 def text_ids(sequence_length: int, device: torch.device | str | None = None, dtype=torch.float32) -> torch.Tensor:
     return torch.zeros(sequence_length, 3, device=device, dtype=dtype)
+
+
+# ---- timesteps -------------------------------------------------------------------------------------------------
+
+
+def calculate_shift(
+    image_seq_len: int,
+    base_seq_len: int = 256,
+    max_seq_len: int = 4096,
+    base_shift: float = 0.5,
+    max_shift: float = 1.15,
+) -> float:
+    """mu for an image of `image_seq_len` packed tokens: the line through (base_seq_len, base_shift) and
+    (max_seq_len, max_shift), extrapolated beyond them (diffusers' `calculate_shift` in pipeline_flux_kontext.py)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    return image_seq_len * slope + base_shift - slope * base_seq_len
+
+
+def shift_timesteps(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """t -> s·t / (1 + (s - 1)·t): towards high noise for s > 1. It equals the scheduler's exponential time shift
+    e^mu / (e^mu + (1/t - 1)) with s = e^mu (its `_time_shift_exponential` with sigma 1)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+@dataclass(frozen=True)
+class DynamicShift:
+    """How FluxKontextPipeline shifts its inference schedule for an image's token count: the scheduler config's
+    `use_dynamic_shifting`, `base_shift`/`max_shift`, `base_image_seq_len`/`max_image_seq_len`, `time_shift_type`
+    (defaults: FLUX.1-Kontext-dev's scheduler_config.json), and its fixed `shift` when dynamic shifting is off."""
+
+    base_shift: float = 0.5
+    max_shift: float = 1.15
+    base_image_seq_len: int = 256
+    max_image_seq_len: int = 4096
+    time_shift_type: str = "exponential"
+    use_dynamic_shifting: bool = True
+    fixed_shift: float = 3.0
+
+    @classmethod
+    def from_scheduler_config(cls, config: Mapping[str, Any]) -> DynamicShift:
+        defaults = cls()
+        return cls(
+            base_shift=float(config.get("base_shift") or defaults.base_shift),
+            max_shift=float(config.get("max_shift") or defaults.max_shift),
+            base_image_seq_len=int(config.get("base_image_seq_len") or defaults.base_image_seq_len),
+            max_image_seq_len=int(config.get("max_image_seq_len") or defaults.max_image_seq_len),
+            time_shift_type=str(config.get("time_shift_type") or defaults.time_shift_type),
+            use_dynamic_shifting=bool(config.get("use_dynamic_shifting", True)),
+            fixed_shift=float(config.get("shift") or 1.0),
+        )
+
+    def shift(self, image_seq_len: int) -> float:
+        """The shift s (as in `shift_timesteps`) the pipeline applies to an image of `image_seq_len` tokens."""
+        if not self.use_dynamic_shifting:
+            return self.fixed_shift
+        mu = calculate_shift(
+            image_seq_len, self.base_image_seq_len, self.max_image_seq_len, self.base_shift, self.max_shift
+        )
+        # The scheduler's time_shift(mu, 1.0, t): exponential e^mu / (e^mu + 1/t - 1), linear mu / (mu + 1/t - 1).
+        return math.exp(mu) if self.time_shift_type == "exponential" else mu
+
+
+def resolve_shift(
+    sampling: TimestepSampling | str, fixed_shift: float, image_seq_len: int, dynamic: DynamicShift | None = None
+) -> float:
+    """The shift `sample_sigmas` applies for a batch of `image_seq_len`-token targets: the bucket's inference
+    shift for `flux_shift`, `fixed_shift` for `shift` (ignored by the other schemes)."""
+    if TimestepSampling(sampling) is TimestepSampling.flux_shift:
+        return (dynamic or DynamicShift()).shift(image_seq_len)
+    return fixed_shift
+
+
+# ai-toolkit's `weighted` timesteps: t on its 1000-step training grid t_i = (1000 - i) / 1000, i uniform in 0..998
+# (BaseSDTrainProcess draws `torch.randint(0, 999)` into the linspace(1000, 1, 1000) table), the loss multiplied by
+# `default_weighing_scheme[i]` (toolkit/timestep_weighing/default_weighing_scheme.py, measured on Flex.1-alpha; see
+# toolkit/samplers/custom_flowmatch_sampler.py `get_weights_for_timesteps`). The table itself is not copied here:
+# WEIGHTED_CHEBYSHEV is a degree-12 least-squares Chebyshev fit of it in x = 2t - 1 (max deviation 0.027, rms 0.003
+# over the 999 grid points; the same ~20 % of the total weight below t = 0.3), renormalised to mean 1 on the grid.
+WEIGHTED_GRID = 1000
+WEIGHTED_CHEBYSHEV = (
+    0.959306, 0.421447, -0.0854781, -0.124163, -0.16095, -0.0303889, -0.0454034,
+    -0.0195708, 0.000132282, -0.0150513, 0.00479879, -0.00733883, -0.000110144,
+)  # fmt: skip
+
+
+def _chebyshev(x: torch.Tensor, coefficients: tuple[float, ...]) -> torch.Tensor:
+    """Clenshaw's recurrence for sum_k c_k T_k(x)."""
+    b1 = torch.zeros_like(x)
+    b2 = torch.zeros_like(x)
+    for c in reversed(coefficients[1:]):
+        b1, b2 = 2 * x * b1 - b2 + c, b1
+    return x * b1 - b2 + coefficients[0]
+
+
+def _weighted_grid() -> tuple[torch.Tensor, torch.Tensor]:
+    """(t, weight) on ai-toolkit's grid, float64, weights with mean 1 over the 999 points it draws from."""
+    t = (WEIGHTED_GRID - torch.arange(WEIGHTED_GRID - 1, dtype=torch.float64)) / WEIGHTED_GRID
+    weights = _chebyshev(2 * t - 1, WEIGHTED_CHEBYSHEV)
+    return t, weights / weights.mean()
+
+
+def timestep_weights(sampling: TimestepSampling | str, sigmas: torch.Tensor) -> torch.Tensor | None:
+    """Per-sample loss weights for `sigmas` (None: unweighted). Only `weighted` weights its loss: each t gets the
+    weight of its grid point, so the weighted loss's expectation is ai-toolkit's."""
+    if TimestepSampling(sampling) is not TimestepSampling.weighted:
+        return None
+    _, grid_w = _weighted_grid()
+    index = (WEIGHTED_GRID - (sigmas.double().cpu() * WEIGHTED_GRID).round()).long().clamp(0, WEIGHTED_GRID - 2)
+    return grid_w[index].to(device=sigmas.device, dtype=torch.float32)
 
 
 def sample_sigmas(
@@ -89,33 +208,48 @@ def sample_sigmas(
 ) -> torch.Tensor:
     """Flow-matching times t in (0, 1), one per sample.
 
-    `shift` (default, as ai-toolkit's Flux trainers): a logit-normal draw u pushed towards high noise with
-    t = s·u / (1 + (s - 1)·u), the same map the inference scheduler applies to its sigmas with shift s.
-    `sigmoid`: plain logit-normal (SD3's recommendation). `uniform`: U(0, 1).
+    `shift` (default): a logit-normal draw u pushed towards high noise with t = s·u / (1 + (s - 1)·u), the map
+    the inference scheduler applies to its sigmas with shift s. `flux_shift`: the same with s the pipeline's
+    shift for the batch's token count (pass it as `shift`, see `resolve_shift`; musubi-tuner's `flux_shift`).
+    `sigmoid`: plain logit-normal (SD3's recommendation, ai-toolkit's default). `uniform`: U(0, 1).
+    `weighted`: ai-toolkit's grid points, uniformly; their loss weights come from `timestep_weights`.
     """
     sampling = TimestepSampling(sampling)
-    scheme = "uniform" if sampling is TimestepSampling.uniform else "logit_normal"
     # Draw on the generator's device, then move: CPU generators are portable across machines.
     gen_device = generator.device if generator is not None else device
+    if sampling is TimestepSampling.weighted:
+        index = torch.randint(0, WEIGHTED_GRID - 1, (batch_size,), generator=generator, device=gen_device)
+        u = (WEIGHTED_GRID - index).float() / WEIGHTED_GRID
+        return u.to(device).clamp(1e-4, 1 - 1e-4)
+    scheme = "uniform" if sampling is TimestepSampling.uniform else "logit_normal"
     u = compute_density_for_timestep_sampling(
         scheme, batch_size, logit_mean=0.0, logit_std=1.0, device=gen_device, generator=generator
     ).to(device)
-    if sampling is TimestepSampling.shift:
-        u = shift * u / (1 + (shift - 1) * u)
+    if sampling in (TimestepSampling.shift, TimestepSampling.flux_shift):
+        u = shift_timesteps(u, shift)
     return u.clamp(1e-4, 1 - 1e-4)
 
 
 def stratified_sigmas(
     count: int, sampling: TimestepSampling | str = TimestepSampling.shift, shift: float = 3.0
 ) -> torch.Tensor:
-    """`count` fixed times at the mid-quantiles of the training distribution (deterministic validation)."""
+    """`count` fixed times at the mid-quantiles of the training distribution (deterministic validation).
+
+    For `weighted`, the distribution whose unweighted loss has the weighted loss's expectation: t with density
+    proportional to its weight on ai-toolkit's grid. For `flux_shift`, pass the resolved shift as `shift`.
+    """
     quantiles = (torch.arange(count, dtype=torch.float64) + 0.5) / count
     sampling = TimestepSampling(sampling)
     if sampling is TimestepSampling.uniform:
         return quantiles.float()
+    if sampling is TimestepSampling.weighted:
+        grid_t, grid_w = _weighted_grid()
+        ascending_t, ascending_w = grid_t.flip(0), grid_w.flip(0)
+        cumulative = ascending_w.cumsum(0) / ascending_w.sum()
+        return ascending_t[torch.searchsorted(cumulative, quantiles)].float()
     u = torch.sigmoid(torch.special.ndtri(quantiles))
-    if sampling is TimestepSampling.shift:
-        u = shift * u / (1 + (shift - 1) * u)
+    if sampling in (TimestepSampling.shift, TimestepSampling.flux_shift):
+        u = shift_timesteps(u, shift)
     return u.float()
 
 
@@ -189,9 +323,14 @@ def flow_matching_loss(
     noise: torch.Tensor,
     sigmas: torch.Tensor,
     guidance_scale: float = 1.0,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """MSE between the predicted and the true velocity (noise - x0) on the target tokens, in float32."""
+    """MSE between the predicted and the true velocity (noise - x0) on the target tokens, in float32; with
+    `weights` (one per sample, see `timestep_weights`) each sample's MSE is weighted before the batch mean."""
     noisy = add_noise(inputs.target, noise, sigmas)
     guidance = guidance_vector(transformer, guidance_scale, inputs.batch_size, inputs.target.device)
     prediction = predict_velocity(transformer, inputs, noisy, sigmas, guidance)
-    return F.mse_loss(prediction.float(), (noise - inputs.target).float())
+    if weights is None:
+        return F.mse_loss(prediction.float(), (noise - inputs.target).float())
+    per_sample = F.mse_loss(prediction.float(), (noise - inputs.target).float(), reduction="none").flatten(1).mean(1)
+    return (per_sample * weights.to(per_sample.device, torch.float32)).mean()

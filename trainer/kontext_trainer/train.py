@@ -33,7 +33,7 @@ from kontext_lora.api.spec import DType
 from kontext_lora.api.status import CheckpointRecord
 
 from . import __version__
-from .batches import BatchSchedule, micro_batch_generator
+from .batches import BatchSchedule, CaptionDropout, micro_batch_generator
 from .checkpoints import (
     PREVIEW_FILE,
     STATE_FILE,
@@ -43,14 +43,17 @@ from .checkpoints import (
     lora_file_name,
     step_prefix,
 )
-from .data.dataset import TrainingPair, prepare_dataset
+from .data.captions import dropped_caption
+from .data.dataset import TrainingPair, prepare_dataset, training_samples
 from .encoding import DatasetEncoder, EncodedPair, batch_inputs
 from .errors import CheckpointMismatchError, InvalidInputError
+from .flux_math import DynamicShift, image_tokens, resolve_shift
 from .logs import fields
 from .metrics import TrainerMetrics
 from .model.load import TORCH_DTYPES, load_scheduler, load_transformer
-from .model.lora import TARGET_PATTERNS, add_lora, export_lora, lora_weights, restore_lora_weights
+from .model.lora import add_lora, export_lora, lora_weights, restore_lora_weights, target_pattern
 from .model.source import resolve_model_dir
+from .model.speed import configure_speed, require_supported_attention
 from .progress import KubernetesStatusSink, ProgressTracker, StatusReporter
 from .settings import TrainerSettings
 from .signals import StopSignals
@@ -133,6 +136,7 @@ class TrainingRun:
 
     def _run(self, started: float) -> RunResult:
         require_supported_precision(self.spec.model.dtype)  # before anything is downloaded
+        require_supported_attention(self.spec.training.attention_backend)
         self._stage(Stage.Downloading)
         downloaded = self._download()
         self._stage(Stage.Training, step=0, total_steps=downloaded.total_steps)
@@ -216,18 +220,27 @@ class TrainingRun:
         vae_dtype = torch.bfloat16 if spec.model.dtype is DType.bf16 else torch.float32
         encoder = DatasetEncoder(data.model_dir, self.work / "cache", accelerator.device, weight_dtype, vae_dtype)
         previews = settings.preview_steps > 0 and bool(data.held_pairs)
+        dropped = dropped_caption(spec.dataset.trigger_word)
         encoded, latent_encoder = encoder.encode(
-            data.pairs,
+            training_samples(data.pairs, spec.dataset.training_resolutions),  # one per pair and resolution
             cache_latents=spec.training.cache_latents,
             keep_vae=previews,
             show_progress=settings.show_progress,
+            extra_captions=(dropped,) if spec.training.caption_dropout > 0 else (),
         )
-        by_stem = {e.pair.stem: e for e in encoded}
+        held_stems = {p.stem for p in data.held_pairs}
+        dynamic_shift = DynamicShift.from_scheduler_config(load_scheduler(data.model_dir).config)
         held_out = HeldOutSet(
-            [by_stem[p.stem] for p in data.held_pairs],
+            [e for e in encoded if e.pair.stem in held_stems],
             latent_encoder,
             spec.training.timestep_sampling,
-            spec.training.timestep_shift,
+            # flux_shift: the held-out timesteps are those of the primary resolution's square bucket
+            resolve_shift(
+                spec.training.timestep_sampling,
+                spec.training.timestep_shift,
+                image_tokens(spec.dataset.resolution, spec.dataset.resolution),
+                dynamic_shift,
+            ),
             spec.training.seed,
             settings.validation_timesteps,
         )
@@ -237,6 +250,7 @@ class TrainingRun:
         parameters = add_lora(transformer, spec.lora, spec.lora_alpha)
         if spec.training.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
+        configure_speed(transformer, spec.training.attention_backend, spec.training.compile)
         optimizer = build_optimizer(parameters, spec.training)
         lr_scheduler = build_lr_scheduler(optimizer, spec.training, data.total_steps)
         transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
@@ -250,6 +264,7 @@ class TrainingRun:
             guidance_scale=spec.training.guidance_scale,
             timestep_sampling=spec.training.timestep_sampling,
             timestep_shift=spec.training.timestep_shift,
+            dynamic_shift=dynamic_shift,
         )
         log.info(
             "model %s: LoRA rank %d alpha %d on %d tensors (%.2fM parameters), %s on %s",
@@ -286,8 +301,13 @@ class TrainingRun:
             start_step=start_step,
             baseline=baseline,
             tracker=tracker,
+            caption_dropout=CaptionDropout(
+                spec.training.caption_dropout,
+                spec.training.seed,
+                encoder.texts[dropped] if spec.training.caption_dropout > 0 else None,
+            ),
         )
-        return context, step_fn, [by_stem[p.stem] for p in data.train_pairs]
+        return context, step_fn, [e for e in encoded if e.pair.stem not in held_stems]
 
     # ---- training loop -------------------------------------------------------------------------------------
     def _train(self, ctx: _RunContext, step_fn: KontextTrainStep, train_set: list[EncodedPair]) -> list[float]:
@@ -312,7 +332,8 @@ class TrainingRun:
         ):
             for step in range(ctx.start_step + 1, ctx.total_steps + 1):
                 micro = range((step - 1) * accumulation, step * accumulation)
-                batches = [batch_inputs([train_set[i] for i in schedule.batch(m)], ctx.latent_encoder) for m in micro]
+                samples = {m: ctx.caption_dropout.apply([train_set[i] for i in schedule.batch(m)], m) for m in micro}
+                batches = [batch_inputs(samples[m], ctx.latent_encoder) for m in micro]
                 generators = [micro_batch_generator(spec.training.seed, m) for m in micro]
                 began = time.perf_counter()
                 result = step_fn(batches, generators)
@@ -365,7 +386,7 @@ class TrainingRun:
             "base_model": self.spec.model.base,
             "rank": self.spec.lora.rank,
             "alpha": self.spec.lora_alpha,
-            "target_modules": TARGET_PATTERNS[self.spec.lora.target_modules],
+            "target_modules": target_pattern(self.spec.lora),
         }
 
     def _lora_metadata(self, step: int, total_steps: int, validation: float | None, baseline: float | None) -> dict:
@@ -592,6 +613,7 @@ class _RunContext:
     start_step: int
     baseline: float | None
     tracker: ProgressTracker
+    caption_dropout: CaptionDropout = field(default_factory=lambda: CaptionDropout(0.0, 0))
 
 
 def _fmt(value: float | None) -> str:

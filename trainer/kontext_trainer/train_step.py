@@ -85,7 +85,11 @@ class KontextTrainStep:
         guidance_scale: float = 1.0,
         timestep_sampling: TimestepSampling = TimestepSampling.shift,
         timestep_shift: float = 3.0,
+        dynamic_shift: flux_math.DynamicShift | None = None,
+        device: torch.device | None = None,
     ):
+        """`dynamic_shift`: the model's scheduler (for `flux_shift`); `device`: where the inputs go, when not the
+        accelerator's (the memory benchmark runs the step on the meta device)."""
         self.transformer = transformer
         self.parameters = list(parameters)
         self.optimizer = optimizer
@@ -95,17 +99,25 @@ class KontextTrainStep:
         self.guidance_scale = guidance_scale
         self.timestep_sampling = timestep_sampling
         self.timestep_shift = timestep_shift
+        self.dynamic_shift = dynamic_shift or flux_math.DynamicShift()
+        self.device = device or accelerator.device
 
     def micro_batch_loss(self, inputs: flux_math.KontextInputs, generator: torch.Generator) -> torch.Tensor:
         """Flow-matching loss of one micro-batch; noise and t are drawn from `generator` (on the CPU)."""
-        device = self.accelerator.device
+        device = self.device
         noise = torch.randn(inputs.target.shape, generator=generator, dtype=torch.float32)
-        sigmas = flux_math.sample_sigmas(
-            inputs.batch_size, self.timestep_sampling, self.timestep_shift, generator=generator, device=device
+        shift = flux_math.resolve_shift(
+            self.timestep_sampling, self.timestep_shift, inputs.target.shape[1], self.dynamic_shift
         )
+        sigmas = flux_math.sample_sigmas(
+            inputs.batch_size, self.timestep_sampling, shift, generator=generator, device=device
+        )
+        weights = flux_math.timestep_weights(self.timestep_sampling, sigmas)
         inputs = inputs.to(device)
         with self.accelerator.autocast():
-            return flux_math.flow_matching_loss(self.transformer, inputs, noise.to(device), sigmas, self.guidance_scale)
+            return flux_math.flow_matching_loss(
+                self.transformer, inputs, noise.to(device), sigmas, self.guidance_scale, weights
+            )
 
     def __call__(
         self, micro_batches: Sequence[flux_math.KontextInputs], generators: Sequence[torch.Generator]

@@ -26,3 +26,9 @@ def compose_caption(instruction: str, trigger_word: str | None) -> str:
     if instruction.startswith(trigger_word) or instruction.startswith(trigger_word.rstrip(",") + " "):
         return instruction
     return f"{trigger_word} {instruction}"
+
+
+def dropped_caption(trigger_word: str | None) -> str:
+    """What a caption dropped by `training.captionDropout` becomes: the trigger word alone, or the empty caption
+    without one (ai-toolkit's `get_dropout_caption` in toolkit/dataloader_mixins.py does the same)."""
+    return trigger_word or ""

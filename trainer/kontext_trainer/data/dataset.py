@@ -31,11 +31,21 @@ class TrainingPair(BaseModel):
     target_etag: str
     caption: str
     bucket: tuple[int, int]  # (width, height) in pixels
+    target_size: tuple[int, int] | None = None  # (width, height) of the target image; None: the bucket's
 
     @property
     def identity(self) -> str:
         """What the cached encoding of this pair depends on (besides the model and resolution)."""
         return f"{self.stem}|{self.control_etag}|{self.target_etag}|{self.caption}|{self.bucket}"
+
+    def at_resolution(self, resolution: int) -> TrainingPair:
+        """The same pair in its bucket at `resolution` (the aspect bucket closest to its target's)."""
+        return self.model_copy(update={"bucket": bucket_for(*(self.target_size or self.bucket), resolution)})
+
+
+def training_samples(pairs: list[TrainingPair], resolutions: tuple[int, ...]) -> list[TrainingPair]:
+    """One sample per pair and resolution (pair-major): what the encoder caches and the batches draw from."""
+    return [pair.at_resolution(resolution) for pair in pairs for resolution in resolutions]
 
 
 def prepare_dataset(
@@ -75,12 +85,14 @@ def prepare_dataset(
         if len(sizes) < 2 or caption is None:
             continue
         bucket = bucket_for(*sizes["target"], spec.resolution)
+        largest = max(spec.training_resolutions)
+        largest_bucket = bucket_for(*sizes["target"], largest)
         for role, (width, height) in sizes.items():
-            if width < bucket[0] or height < bucket[1]:
+            if width < largest_bucket[0] or height < largest_bucket[1]:
                 warnings.append(
                     f"{storage.uri(getattr(entry, role).key)}: {width}x{height} is smaller than the "
-                    f"{bucket[0]}x{bucket[1]} training size; it is upscaled (sharp images of at least "
-                    f"{spec.resolution} px train better)"
+                    f"{largest_bucket[0]}x{largest_bucket[1]} training size; it is upscaled (sharp images of at least "
+                    f"{largest} px train better)"
                 )
         control_aspect, target_aspect = (w / h for w, h in (sizes["control"], sizes["target"]))
         if abs(control_aspect / target_aspect - 1) > 0.02:
@@ -97,6 +109,7 @@ def prepare_dataset(
                 target_etag=entry.target.etag,
                 caption=caption,
                 bucket=bucket,
+                target_size=sizes["target"],
             )
         )
     if problems:

@@ -26,6 +26,9 @@ ADAPTER = "default"
 _BLOCKS = r"(single_transformer_blocks|transformer_blocks)\.\d+\."
 _ATTENTION = r"attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
 _MLP = r"ff\.net\.0\.proj|ff\.net\.2|ff_context\.net\.0\.proj|ff_context\.net\.2|proj_mlp|proj_out"
+# The AdaLN modulation projections (shift/scale/gate from the timestep + pooled-text embedding): double blocks'
+# norm1.linear and norm1_context.linear, single blocks' norm.linear.
+_MODULATION = r"norm1\.linear|norm1_context\.linear|norm\.linear"
 # peft matches a string target with re.fullmatch against each module name.
 TARGET_PATTERNS = {
     TargetModules.default: rf"{_BLOCKS}({_ATTENTION}|{_MLP})",
@@ -33,12 +36,23 @@ TARGET_PATTERNS = {
 }
 
 
+_TARGET_ALTERNATIVES = {TargetModules.default: f"{_ATTENTION}|{_MLP}", TargetModules.attention: _ATTENTION}
+
+
+def target_pattern(spec: LoraSpec) -> str:
+    """The regex of the modules that get an adapter: `targetModules`, plus the modulation projections. Without
+    modulation it is the TARGET_PATTERNS string itself (checkpoint fingerprints compare it)."""
+    if not spec.modulation:
+        return TARGET_PATTERNS[spec.target_modules]
+    return rf"{_BLOCKS}({_MODULATION}|{_TARGET_ALTERNATIVES[spec.target_modules]})"
+
+
 def lora_config(spec: LoraSpec, alpha: int) -> LoraConfig:
     return LoraConfig(
         r=spec.rank,
         lora_alpha=alpha,
         lora_dropout=spec.dropout,
-        target_modules=TARGET_PATTERNS[spec.target_modules],
+        target_modules=target_pattern(spec),
         init_lora_weights=True,  # A: Kaiming-uniform, B: zeros -> the untrained LoRA changes nothing
     )
 

@@ -102,7 +102,7 @@ def test_several_resolutions_flux_shift_caption_dropout_and_modulation_targets(
         str(tiny_model),
         pairs_dir.as_uri(),
         (tmp_path / "out").as_uri(),
-        training={"steps": 3, "timestepSampling": "flux_shift", "captionDropout": 0.5},
+        training={"steps": 3, "timestepSampling": "flux_shift", "captionDropout": 0.5, "attentionBackend": "math"},
         checkpoints={"saveEvery": 3, "keep": 1},
         lora={"rank": 8, "modulation": True},
     )

@@ -39,9 +39,12 @@ def require_supported_attention(backend: AttentionBackend, cpu: bool = False) ->
         )
 
 
-def configure_speed(transformer: torch.nn.Module, backend: AttentionBackend, compile_blocks: bool) -> None:
-    """Route the transformer's attention to `backend` and compile its blocks when asked."""
-    name = DIFFUSERS_BACKENDS.get(backend)
+def configure_speed(
+    transformer: torch.nn.Module, attention: AttentionBackend, compile_blocks: bool, **compile_options: object
+) -> None:
+    """Route the transformer's attention to `attention` and compile its blocks when asked (`compile_options` go to
+    `torch.compile`: inductor by default)."""
+    name = DIFFUSERS_BACKENDS.get(attention)
     if name is not None:
         from diffusers.utils import logging as diffusers_logging
 
@@ -52,5 +55,5 @@ def configure_speed(transformer: torch.nn.Module, backend: AttentionBackend, com
         finally:
             diffusers_logging.set_verbosity(level)
     if compile_blocks:
-        transformer.compile_repeated_blocks()
+        transformer.compile_repeated_blocks(**compile_options)
         log.info("transformer blocks compiled with torch.compile (the first steps include the compilation)")

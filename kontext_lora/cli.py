@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from .api import InvalidJobError, load_job_file
+from .api import DEFAULT_BASE_MODEL, InvalidJobError, load_job_file
 
 app = typer.Typer(
     name="kontext-lora",
@@ -102,14 +102,27 @@ def chart(
 
 @app.command()
 def validate(job_file: Annotated[Path, typer.Argument(help="KontextLoRAJob YAML file.")]) -> None:
-    """Check a KontextLoRAJob file against the API model and print it with every default filled in."""
+    """Check a KontextLoRAJob file against the API model and print it with every default filled in; for
+    FLUX.1-Kontext-dev from the hub, also its measured peak GPU memory against its GPU class (as the operator does)."""
     import yaml
+
+    from .api.memory import GPU_BUDGET_BYTES, admission_problem, estimate_peak
 
     try:
         job = load_job_file(job_file)
     except InvalidJobError as error:
         raise _fail(str(error)) from None
     sys.stdout.write(yaml.safe_dump(job.to_wire(), sort_keys=False))
+    if (problem := admission_problem(job.spec)) is not None:
+        raise _fail(f"{job_file}: {problem}")
+    if job.spec.model.base == DEFAULT_BASE_MODEL:
+        peak, gpu = estimate_peak(job.spec), job.spec.resources.gpu
+        console.print(
+            f"peak GPU memory: about {peak.gb:.1f} GB ({peak.what}; measured on the full model) of the "
+            f"{GPU_BUDGET_BYTES[gpu] / 1e9:.0f} GB a {gpu.value} leaves for training"
+        )
+    else:
+        console.print("peak GPU memory: checked by the trainer at start, once it has the model (not the hub's)")
 
 
 @app.command()

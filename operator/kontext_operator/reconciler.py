@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from kontext_lora.api import InvalidJobError, KontextLoRAJob, Phase, parse_job
+from kontext_lora.api.memory import admission_problem
 from kontext_lora.api.operator_config import OperatorConfig
 
 from . import resources
@@ -287,6 +288,8 @@ class Reconciler:
                     f"cluster's operator (configured: {configured})"
                 ],
             )
+        if (memory := admission_problem(job.spec)) is not None:  # the measured peak exceeds the GPU class
+            raise InvalidJobError(name, [memory])
         return job
 
     def essentials(self, key: Key, body: Mapping[str, Any]) -> Essentials:

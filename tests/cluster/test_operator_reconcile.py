@@ -139,6 +139,12 @@ def test_invalid_spec_fails_with_the_field_named_and_creates_nothing(kljs: Kljs,
     kljs.apply(job_manifest("dotted.name"))
     status = kljs.wait_phase("dotted.name", "Failed")
     assert status["reason"] == "InvalidSpec" and "metadata.name" in status["message"]
+
+    # The hub's FLUX.1-Kontext-dev at 1024² in batches of 16: its measured peak cannot fit a 48 GB card.
+    kljs.apply(job_manifest("too-big", training={"steps": 100, "batchSize": 16}))
+    status = kljs.wait_phase("too-big", "Failed")
+    assert status["reason"] == "InvalidSpec" and "spec.training.batchSize" in status["message"]
+    assert "GB of GPU memory" in status["message"] and "batchSize: " in status["message"]  # what fits instead
     assert kljs.jobs() == []
 
 

@@ -49,6 +49,7 @@ from .encoding import DatasetEncoder, EncodedPair, batch_inputs
 from .errors import CheckpointMismatchError, InvalidInputError
 from .flux_math import DynamicShift, image_tokens, resolve_shift
 from .logs import fields
+from .memory_check import check_memory
 from .metrics import TrainerMetrics
 from .model.load import TORCH_DTYPES, load_scheduler, load_transformer
 from .model.lora import add_lora, export_lora, lora_weights, restore_lora_weights, target_pattern
@@ -215,6 +216,7 @@ class TrainingRun:
         """Encode the dataset, build the LoRA and optimiser, then resume or measure the untrained held-out loss."""
         spec, settings = self.spec, self.settings
         accelerator = make_accelerator(spec.model.dtype, spec.training.gradient_accumulation)
+        check_memory(spec, data.model_dir, accelerator.device)  # before encoding: an OOM-bound job fails now
         weight_dtype = TORCH_DTYPES[spec.model.dtype]
         # The VAE runs in bf16 or fp32: FLUX's VAE is not trustworthy in fp16.
         vae_dtype = torch.bfloat16 if spec.model.dtype is DType.bf16 else torch.float32

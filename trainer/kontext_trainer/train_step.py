@@ -86,10 +86,8 @@ class KontextTrainStep:
         timestep_sampling: TimestepSampling = TimestepSampling.shift,
         timestep_shift: float = 3.0,
         dynamic_shift: flux_math.DynamicShift | None = None,
-        device: torch.device | None = None,
     ):
-        """`dynamic_shift`: the model's scheduler (for `flux_shift`); `device`: where the inputs go, when not the
-        accelerator's (the memory benchmark runs the step on the meta device)."""
+        """`dynamic_shift`: the model's scheduler config, for `flux_shift`."""
         self.transformer = transformer
         self.parameters = list(parameters)
         self.optimizer = optimizer
@@ -100,11 +98,10 @@ class KontextTrainStep:
         self.timestep_sampling = timestep_sampling
         self.timestep_shift = timestep_shift
         self.dynamic_shift = dynamic_shift or flux_math.DynamicShift()
-        self.device = device or accelerator.device
 
     def micro_batch_loss(self, inputs: flux_math.KontextInputs, generator: torch.Generator) -> torch.Tensor:
         """Flow-matching loss of one micro-batch; noise and t are drawn from `generator` (on the CPU)."""
-        device = self.device
+        device = self.accelerator.device
         noise = torch.randn(inputs.target.shape, generator=generator, dtype=torch.float32)
         shift = flux_math.resolve_shift(
             self.timestep_sampling, self.timestep_shift, inputs.target.shape[1], self.dynamic_shift

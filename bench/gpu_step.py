@@ -3,6 +3,7 @@
     python -m bench.gpu_step                      # one CUDA GPU: full FLUX.1-Kontext-dev transformer, random weights
     python -m bench.gpu_step --quantize int8      # base weights int8 (optimum-quanto), LoRA trained on top
     python -m bench.gpu_step --only ours          # one variant alone: its exact peak memory
+    python -m bench.gpu_step --speed              # torch.compile and the attention kernels, side by side
     python -m bench.gpu_step --smoke              # CPU, tiny config, same code path (CI)
 
 Full size: 19 double + 38 single blocks, hidden 3072 (~11.9B parameters), bf16 weights built directly on the GPU
@@ -253,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-checkpointing", action="store_true", help="Disable gradient checkpointing.")
     parser.add_argument("--quantize", choices=("fp8", "int8"), default=None, help="Quantize the base (quanto).")
     parser.add_argument("--only", choices=("ours", "reference"), default=None, help="Run one variant alone.")
+    parser.add_argument(
+        "--speed", action="store_true", help="The speed options side by side instead (compile, attention kernels)."
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="Dense bf16 peak for MFU (overrides table).")
     parser.add_argument("--json", type=Path, default=None, help="Also write the figures here.")
     return parser
@@ -325,6 +329,14 @@ def main(argv: list[str] | None = None) -> int:
     from kontext_lora.api.spec import DType
 
     accelerator = make_accelerator(DType.bf16, 1, cpu=device.type == "cpu")
+    if args.speed:
+        from .speed_options import run_speed
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            speed = run_speed(transformer, accelerator, setup, steps, warmup, smoke=args.smoke)
+        write_result(args.json, {"device": name, "speed": speed, "resolution": resolution, "rank": args.rank})
+        return 0
     include = (args.only,) if args.only else ("ours", "reference")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -54,6 +54,31 @@ def test_gpu_step_smoke(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_gpu_step_speed_options_smoke(tmp_path: Path) -> None:
+    output, result = run_bench("gpu_step", tmp_path, "--speed", "--steps", "1", "--warmup", "1")
+    assert "speed options: seconds per training step" in output
+    assert set(result["speed"]["ratios"]) == {"eager", "compiled", "flash", "math"}  # + efficient, cudnn on CUDA
+    assert all(ratio > 0 for ratio in result["speed"]["ratios"].values())
+
+
+@pytest.mark.slow
+def test_recipe_ablation_smoke(tmp_path: Path) -> None:
+    output, result = run_bench("recipe_ablation", tmp_path)
+    assert "recipe ablation" in output
+    assert {(row["scheme"], row["caption_dropout"]) for row in result["rows"]} == {
+        ("shift", 0.0),
+        ("shift", 0.5),
+        ("weighted", 0.0),
+        ("weighted", 0.5),
+    }
+    for row in result["rows"]:
+        for score in ("inference_loss", "uniform_loss"):
+            assert row[score]["mean"] > 0
+    baseline = next(r for r in result["rows"] if (r["scheme"], r["caption_dropout"]) == ("shift", 0.0))
+    assert baseline["inference_loss"]["vs_baseline"] == 0.0
+
+
+@pytest.mark.slow
 def test_gpu_step_smoke_quantized(tmp_path: Path) -> None:
     output, result = run_bench("gpu_step", tmp_path, "--quantize", "int8", "--only", "ours")
     assert "base quantized int8" in output

@@ -67,3 +67,40 @@ def test_cuda_only_kernels_are_refused_on_a_cpu_naming_the_field(attention: Atte
     with pytest.raises(InvalidInputError, match=f"spec.training.attentionBackend {attention.value} needs a CUDA GPU"):
         require_supported_attention(attention, cpu=True)
     require_supported_attention(AttentionBackend.flash, cpu=True)
+
+
+def test_skipping_peft_input_casts_under_autocast_changes_no_number(tiny_model: Path) -> None:
+    """add_lora turns off peft's cast of adapted layers' inputs to the fp32 adapter dtype (memory: bench.memory):
+    under bf16 autocast the matmul casts back to bf16, so the loss and gradients are bit-identical either way."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    results = []
+    for cast in (True, False):
+        transformer = load_transformer(tiny_model, torch.bfloat16, torch.device("cpu"))
+        torch.manual_seed(0)
+        parameters = add_lora(transformer, LoraSpec(rank=8), 8)
+        with torch.no_grad():
+            for parameter in parameters:
+                parameter.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(parameter.numel()))
+        for module in transformer.modules():
+            if isinstance(module, BaseTunerLayer):
+                assert module.cast_input_dtype_enabled is False
+                module.cast_input_dtype_enabled = cast
+        generator = torch.Generator().manual_seed(5)
+        channels = transformer.config.in_channels
+        inputs = flux_math.KontextInputs(
+            target=torch.randn(1, 64, channels, generator=generator),
+            control=torch.randn(1, 64, channels, generator=generator),
+            prompt_embeds=torch.randn(1, 7, transformer.config.joint_attention_dim, generator=generator),
+            pooled_prompt_embeds=torch.randn(1, transformer.config.pooled_projection_dim, generator=generator),
+            img_ids=flux_math.kontext_image_ids((16, 16), (16, 16)),
+            txt_ids=flux_math.text_ids(7),
+        ).to("cpu", torch.bfloat16)
+        noise = torch.randn(inputs.target.shape, generator=generator).bfloat16()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = flux_math.flow_matching_loss(transformer, inputs, noise, torch.tensor([0.6]))
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in parameters]))
+    (cast_loss, cast_grads), (loss, grads) = results
+    assert torch.equal(cast_loss, loss)
+    assert all(torch.equal(a, b) for a, b in zip(cast_grads, grads, strict=True))

@@ -1,0 +1,47 @@
+"""What the stages hand each other: the prepared inputs, and the state of the run once it is set up."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoints import CheckpointStore, StoredCheckpoint
+from ..data.dataset import TrainingPair
+from ..progress import ProgressTracker
+from ..storage import Storage
+from ..validation import HeldOutSet
+
+
+@dataclass
+class Prepared:
+    """The preparation stage's result: validated pairs, the checkpoints found, the model folder."""
+
+    output: Storage
+    pairs: list[TrainingPair]
+    train_pairs: list[TrainingPair]
+    held_pairs: list[TrainingPair]
+    total_steps: int
+    store: CheckpointStore
+    complete: list[StoredCheckpoint]  # complete checkpoints found under the output URI, oldest first
+    model_dir: Path
+
+
+@dataclass
+class RunContext:
+    """The set-up stage's result: everything the training loop and the checkpoints need."""
+
+    accelerator: Any
+    transformer: torch.nn.Module
+    optimizer: Any
+    lr_scheduler: Any
+    held_out: HeldOutSet
+    latent_encoder: Any
+    scheduler_config: dict | None
+    store: CheckpointStore
+    total_steps: int
+    start_step: int
+    baseline: float | None
+    tracker: ProgressTracker

@@ -127,6 +127,29 @@ def train(
 
 
 @app.command()
+def prepare(
+    job_file: Annotated[Path | None, typer.Argument(help="KontextLoRAJob YAML file (local runs).")] = None,
+    from_env: Annotated[bool, typer.Option(help="Read the job from $KONTEXT_LORA_JOB (set by the operator).")] = False,
+    work_dir: Annotated[Path | None, typer.Option(help="Local working folder (the downloaded pairs).")] = None,
+    download_model: Annotated[
+        bool | None,
+        typer.Option(
+            "--download-model/--no-download-model",
+            help="Also download the model into the model cache ($HF_HOME); default: $KONTEXT_LORA_FILL_MODEL_CACHE.",
+        ),
+    ] = None,
+) -> None:
+    """Check a job's inputs without training: storage, model access, every pair; writes <output>/preparation.json."""
+    _require_trainer()
+    from kontext_trainer.main import run_training
+
+    code = run_training(
+        job_file=job_file, from_env=from_env, work_dir=work_dir, prepare_only=True, fill_model_cache=download_model
+    )
+    raise typer.Exit(code)
+
+
+@app.command()
 def demo(
     work_dir: Annotated[Path, typer.Option(help="Where the demo writes its model, data and LoRA.")] = Path("runs/demo"),
 ) -> None:

@@ -1,10 +1,12 @@
 """A training run of one KontextLoRAJob, start to finish: the stages of `stages/` in order.
 
-Downloading: check storage, list + validate + fetch the pairs, resolve the model, find the checkpoint to
-resume from (`stages.preparation`). Training: encode the dataset once (text encoders then leave memory), load
-the transformer, add the LoRA (`stages.setup`), run the optimiser steps (`stages.loop`) with checkpoints (LoRA +
-resumable state + held-out loss + preview, `stages.checkpointing`) every `saveEvery` steps and at the end,
-rotating old ones. Uploading: the final `<name>.safetensors`. Done.
+Preparing (`stages.preparation`): check storage and model access, list + validate + fetch the pairs, write the
+manifest — skipped when a preparation pod already did it (`KONTEXT_LORA_PREPARED`: the run starts from its
+manifest). Downloading (`stages.setup.download`): find the checkpoint to resume from, gather cached encodings,
+fetch the model parts and pair images still needed. Training: encode what is not cached (the encoders then leave
+memory), load the transformer, add the LoRA (`stages.setup.set_up`), run the optimiser steps (`stages.loop`) with
+checkpoints (LoRA + resumable state + held-out loss + preview, `stages.checkpointing`) every `saveEvery` steps
+and at the end, rotating old ones. Uploading: the final `<name>.safetensors`. Done.
 SIGTERM/SIGINT during training: the step in progress finishes, a checkpoint is saved at it, `Interrupted` is raised
 (signals.py); before training they stop the run at once.
 """
@@ -19,16 +21,13 @@ from kontext_lora.api import KontextLoRAJob, Stage
 from kontext_lora.api.status import CheckpointRecord
 
 from .logs import fields
-from .metrics import TrainerMetrics
-from .progress import KubernetesStatusSink, StatusReporter
 from .settings import TrainerSettings
 from .signals import StopSignals
 from .stages.checkpointing import Checkpointer
 from .stages.environment import RunEnvironment, fmt
 from .stages.loop import train
-from .stages.preparation import prepare
-from .stages.setup import set_up
-from .storage import S3Settings
+from .stages.preparation import PreparedInputs, load_prepared, prepare_inputs
+from .stages.setup import download, set_up
 from .train_step import require_supported_precision
 
 log = logging.getLogger(__name__)
@@ -58,24 +57,8 @@ class TrainingRun:
     def __init__(self, job: KontextLoRAJob, settings: TrainerSettings, stop: StopSignals | None = None):
         self.job = job
         self.settings = settings
-        self.env = RunEnvironment(
-            job=job,
-            settings=settings,
-            stop=stop or StopSignals(),  # not installed: never requested
-            metrics=TrainerMetrics(job.metadata.name, job.metadata.namespace or ""),
-            status=StatusReporter(self._status_sink(), interval=settings.status_interval_seconds),
-            s3=S3Settings.from_spec(job.spec.storage),
-        )
+        self.env = RunEnvironment.create(job, settings, stop)
         self.checkpointer = Checkpointer(self.env)
-
-    def _status_sink(self) -> KubernetesStatusSink | None:
-        if not self.settings.report_status:
-            return None
-        try:
-            return KubernetesStatusSink(self.job.metadata.name, self.job.metadata.namespace)
-        except Exception as error:  # no API access must not cost the LoRA: train, and say why status is missing
-            log.error("status reporting disabled: cannot set up the Kubernetes client: %s", error)
-            return None
 
     def run(self) -> RunResult:
         started = time.monotonic()
@@ -90,8 +73,15 @@ class TrainingRun:
     def _run(self, started: float) -> RunResult:
         env, checkpointer = self.env, self.checkpointer
         require_supported_precision(env.spec.model.dtype)  # before anything is downloaded
-        env.stage(Stage.Downloading)
-        prepared = prepare(env)
+        inputs: PreparedInputs | None = None
+        if self.settings.prepared:
+            env.stage(Stage.Downloading)
+            inputs = load_prepared(env)
+        if inputs is None:
+            env.stage(Stage.Preparing)
+            inputs = prepare_inputs(env)
+            env.stage(Stage.Downloading)
+        prepared = download(env, inputs, checkpointer)
         env.stage(Stage.Training, step=0, total_steps=prepared.total_steps)
         ctx, step_fn, train_set = set_up(env, prepared, checkpointer)
         # From the first step on, a stop signal waits for a safe point (signals.py).

@@ -208,6 +208,19 @@ class Checkpointer:
         return {"checkpoints": records, "last_checkpoint": records[-1].uri, "best_checkpoint": self.best()}
 
     # ---- resuming ----------------------------------------------------------------------------------------
+    def discover(self, output: Storage) -> tuple[CheckpointStore, list[StoredCheckpoint]]:
+        """The checkpoints under the output URI: incomplete ones removed, a surplus over `keep` rotated out; the
+        store and the complete ones, oldest first."""
+        spec = self.env.spec
+        store = CheckpointStore(output, self.env.work / "checkpoints", self.env.name, spec.checkpoints.keep)
+        found = store.scan()
+        store.discard_incomplete(found)
+        complete = [c for c in found if c.complete]
+        if len(complete) > spec.checkpoints.keep:
+            # A run killed between publishing a checkpoint and rotating left one too many: keep the newest `keep`.
+            complete, _ = store.rotate()
+        return store, complete
+
     def adopt(self, store: CheckpointStore, complete: list[StoredCheckpoint]) -> None:
         """Take over the records of the checkpoints a previous run left (the status lists them all)."""
         self.records = {r.step: r for r in store.records(complete)}

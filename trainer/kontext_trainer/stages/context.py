@@ -10,6 +10,7 @@ import torch
 
 from ..checkpoints import CheckpointStore, StoredCheckpoint
 from ..data.dataset import TrainingPair
+from ..encoding import EncodingCache
 from ..progress import ProgressTracker
 from ..storage import Storage
 from ..validation import HeldOutSet
@@ -17,7 +18,7 @@ from ..validation import HeldOutSet
 
 @dataclass
 class Prepared:
-    """The preparation stage's result: validated pairs, the checkpoints found, the model folder."""
+    """The download stage's result: the pairs, the checkpoints found, the model folder, the encoding cache."""
 
     output: Storage
     pairs: list[TrainingPair]
@@ -27,6 +28,7 @@ class Prepared:
     store: CheckpointStore
     complete: list[StoredCheckpoint]  # complete checkpoints found under the output URI, oldest first
     model_dir: Path
+    encodings: EncodingCache
 
 
 @dataclass

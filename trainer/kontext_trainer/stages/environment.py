@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from kontext_lora.api import KontextLoRAJob, Stage
 from kontext_lora.api.spec import KontextLoRAJobSpec
 
 from ..logs import fields
 from ..metrics import TrainerMetrics
-from ..progress import StatusReporter
+from ..progress import KubernetesStatusSink, StatusReporter
 from ..settings import TrainerSettings
 from ..signals import StopSignals
 from ..storage import S3Settings
@@ -28,6 +31,25 @@ class RunEnvironment:
     metrics: TrainerMetrics
     status: StatusReporter
     s3: S3Settings
+    started: float = field(default_factory=lambda: psutil.Process().create_time())
+    """When the process started (epoch seconds): in a pod, the container's start."""
+    timeline: dict[str, float] = field(default_factory=dict)
+    """Seconds after `started` at which the run passed each milestone (logged with the first step)."""
+
+    @classmethod
+    def create(cls, job: KontextLoRAJob, settings: TrainerSettings, stop: StopSignals | None = None) -> RunEnvironment:
+        return cls(
+            job=job,
+            settings=settings,
+            stop=stop or StopSignals(),  # not installed: never requested
+            metrics=TrainerMetrics(job.metadata.name, job.metadata.namespace or ""),
+            status=StatusReporter(_status_sink(job, settings), interval=settings.status_interval_seconds),
+            s3=S3Settings.from_spec(job.spec.storage),
+        )
+
+    def mark(self, milestone: str) -> float:
+        seconds = self.timeline[milestone] = round(time.time() - self.started, 2)
+        return seconds
 
     @property
     def spec(self) -> KontextLoRAJobSpec:
@@ -43,8 +65,19 @@ class RunEnvironment:
         return self.settings.work_dir
 
     def stage(self, stage: Stage, **extra: Any) -> None:
-        log.info("stage: %s", stage.value, **fields(stage=stage.value))
+        seconds = self.mark(f"stage {stage.value}")
+        log.info("stage: %s", stage.value, **fields(stage=stage.value, seconds_since_start=seconds))
         self.status.update(force=True, stage=stage, **extra)
+
+
+def _status_sink(job: KontextLoRAJob, settings: TrainerSettings) -> KubernetesStatusSink | None:
+    if not settings.report_status:
+        return None
+    try:
+        return KubernetesStatusSink(job.metadata.name, job.metadata.namespace)
+    except Exception as error:  # no API access must not cost the LoRA: train, and say why status is missing
+        log.error("status reporting disabled: cannot set up the Kubernetes client: %s", error)
+        return None
 
 
 def fmt(value: float | None) -> str:

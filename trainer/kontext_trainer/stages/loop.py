@@ -64,6 +64,13 @@ def train(
                     f"spec.training.learningRate (now {spec.training.learning_rate:g}) or keep maxGradNorm > 0"
                 )
             step_seconds.append(elapsed)
+            if len(step_seconds) == 1:
+                seconds = env.mark("first step")
+                log.info(
+                    "first training step of this run done %.1f s after the trainer started",
+                    seconds,
+                    **fields(step=step, time_to_first_step=seconds, timeline=dict(env.timeline)),
+                )
             ctx.tracker.update(step, result.loss, result.learning_rate)
             metrics.step.set(step)
             metrics.loss.set(result.loss)

@@ -1,5 +1,11 @@
-"""The set-up stage: encode the dataset (the encoders then leave memory), load the transformer, add the LoRA,
-build the optimiser and schedule, then resume from the newest checkpoint or measure the untrained held-out loss."""
+"""The download and set-up stages of a training run.
+
+`download`: the checkpoints to resume from, what the encoding cache already holds, and then only what is still
+needed — the model's parts (no text encoders when every caption's encoding is cached, which for FLUX.1-Kontext-dev
+spares T5-XXL's ~9.5 GB) and the images of the pairs that still need encoding or previews.
+`set_up`: encode what is missing (the encoders then leave memory), load the transformer, add the LoRA, build the
+optimiser and schedule, then resume from the newest checkpoint or measure the untrained held-out loss.
+"""
 
 from __future__ import annotations
 
@@ -10,18 +16,82 @@ from accelerate.utils import set_seed
 
 from kontext_lora.api.spec import DType
 
-from ..encoding import DatasetEncoder, EncodedPair
+from ..data.dataset import fetch_pair_images
+from ..encoding import DatasetEncoder, EncodedPair, EncodingCache, Fingerprints, remote_cache
 from ..logs import fields
 from ..model.load import TORCH_DTYPES, load_scheduler, load_transformer
 from ..model.lora import add_lora
+from ..model.source import TEXT_PARTS, TRAINING_PARTS, fetch_model
 from ..progress import ProgressTracker
 from ..train_step import KontextTrainStep, build_lr_scheduler, build_optimizer, make_accelerator
 from ..validation import HeldOutSet
 from .checkpointing import Checkpointer
 from .context import Prepared, RunContext
 from .environment import RunEnvironment
+from .preparation import PreparedInputs, split_held_out
 
 log = logging.getLogger(__name__)
+
+
+def _dtypes(env: RunEnvironment) -> tuple[torch.dtype, torch.dtype]:
+    """(weights and text encoders, VAE): the VAE runs in bf16 or fp32, FLUX's VAE is not trustworthy in fp16."""
+    dtype = env.spec.model.dtype
+    return TORCH_DTYPES[dtype], torch.bfloat16 if dtype is DType.bf16 else torch.float32
+
+
+def download(env: RunEnvironment, inputs: PreparedInputs, checkpointer: Checkpointer) -> Prepared:
+    """Checkpoints found, encodings gathered, then the model parts and pair images still needed."""
+    spec, settings = env.spec, env.settings
+    pairs = inputs.pairs
+    train_pairs, held_pairs = split_held_out(pairs, spec.dataset.held_out_pairs, spec.training.seed)
+    total_steps = spec.total_steps(len(pairs))
+    env.metrics.total_steps.set(total_steps)
+    log.info(
+        "dataset: %d pairs (%d training, %d held out)",
+        len(pairs),
+        len(train_pairs),
+        len(held_pairs),
+        **fields(pairs=len(pairs), held_out=len(held_pairs), total_steps=total_steps),
+    )
+    env.status.update(dataset_pairs=len(pairs), total_steps=total_steps, step=0)
+    store, complete = checkpointer.discover(inputs.output)
+
+    weight_dtype, vae_dtype = _dtypes(env)
+    shared = remote_cache(spec.output.effective_cache_uri(), env.s3, settings.base_dir)
+    encodings = EncodingCache(env.work / "cache", Fingerprints.of(inputs.model), weight_dtype, vae_dtype, remote=shared)
+    text_keys = [encodings.text_key(caption) for caption in sorted({p.caption for p in pairs})]
+    latent_keys = {p.stem: encodings.latent_key(p) for p in pairs} if spec.training.cache_latents else {}
+    available = encodings.gather([*text_keys, *latent_keys.values()])
+    text_missing = [k for k in text_keys if k not in available]
+    parts = TRAINING_PARTS + (TEXT_PARTS if text_missing else ())
+    log.info(
+        "encodings: %d of %d captions and %d of %d pairs cached (%d from the shared cache %s); model parts: %s",
+        len(text_keys) - len(text_missing),
+        len(text_keys),
+        sum(k in available for k in latent_keys.values()),
+        len(latent_keys),
+        sum(encodings.report.remote.values()),
+        shared.uri(),
+        ", ".join(parts),
+        **fields(encodings_local=encodings.report.local, encodings_shared=encodings.report.remote),
+    )
+    env.mark("encodings gathered")
+    model_dir = fetch_model(
+        inputs.model, env.s3, settings.model_cache, settings.base_dir, parts, settings.show_progress
+    )
+    env.mark("model downloaded")
+
+    if not inputs.images_local:
+        previews = settings.preview_steps > 0 and bool(held_pairs)
+        needed = [
+            p
+            for p in pairs
+            if not spec.training.cache_latents or latent_keys[p.stem] not in available or (previews and p in held_pairs)
+        ]
+        downloaded = fetch_pair_images(inputs.dataset, needed, spec.dataset, env.work / "dataset")
+        log.info("pair images: %d of %d pairs needed here, %d files downloaded", len(needed), len(pairs), downloaded)
+        env.mark("pair images downloaded")
+    return Prepared(inputs.output, pairs, train_pairs, held_pairs, total_steps, store, complete, model_dir, encodings)
 
 
 def set_up(
@@ -30,16 +100,26 @@ def set_up(
     """Encode the dataset, build the LoRA and optimiser, then resume or measure the untrained held-out loss."""
     spec, settings = env.spec, env.settings
     accelerator = make_accelerator(spec.model.dtype, spec.training.gradient_accumulation)
-    weight_dtype = TORCH_DTYPES[spec.model.dtype]
-    # The VAE runs in bf16 or fp32: FLUX's VAE is not trustworthy in fp16.
-    vae_dtype = torch.bfloat16 if spec.model.dtype is DType.bf16 else torch.float32
-    encoder = DatasetEncoder(data.model_dir, env.work / "cache", accelerator.device, weight_dtype, vae_dtype)
+    weight_dtype, vae_dtype = _dtypes(env)
+    encoder = DatasetEncoder(
+        data.model_dir, env.work / "cache", accelerator.device, weight_dtype, vae_dtype, cache=data.encodings
+    )
     previews = settings.preview_steps > 0 and bool(data.held_pairs)
     encoded, latent_encoder = encoder.encode(
         data.pairs,
         cache_latents=spec.training.cache_latents,
         keep_vae=previews,
         show_progress=settings.show_progress,
+    )
+    env.mark("encoded")
+    report = data.encodings.report
+    log.info(
+        "encoded %d captions and %d pairs here; %d captions and %d pairs came from caches",
+        report.encoded["text"],
+        report.encoded["latents"],
+        report.local["text"] + report.remote["text"],
+        report.local["latents"] + report.remote["latents"],
+        **fields(encoded=report.encoded, uploaded=report.uploaded),
     )
     by_stem = {e.pair.stem: e for e in encoded}
     held_out = HeldOutSet(
@@ -52,6 +132,7 @@ def set_up(
     )
 
     transformer = load_transformer(data.model_dir, weight_dtype, accelerator.device)
+    env.mark("transformer loaded")
     set_seed(spec.training.seed)  # the LoRA's initial A matrices (and any dropout) follow the job's seed
     parameters = add_lora(transformer, spec.lora, spec.lora_alpha)
     if spec.training.gradient_checkpointing:

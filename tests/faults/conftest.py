@@ -15,13 +15,11 @@ from tests.conftest import Cluster
 from tests.infra.minio import MinioServer
 from tests.infra.node_agent import NodeAgent
 from tests.infra.operator_fixtures import (  # noqa: F401
-    KWOK_CPU_NODES,
-    KWOK_L40S_NODES,
-    cordoned,
     kljs,
     operator,
     operator_identity,
     pytest_runtest_makereport,
+    serving,
     start_operator,
 )
 from tests.infra.processes import free_port
@@ -91,12 +89,8 @@ def agent(crd: Cluster, tmp_path: Path) -> Iterator[NodeAgent]:
         KONTEXT_LORA_PROGRESS="0",
         OMP_NUM_THREADS="1",
     )
-    node.start()
-    with cordoned(crd, *KWOK_L40S_NODES, *KWOK_CPU_NODES):
-        try:
-            yield node
-        finally:
-            node.stop()
+    with serving(crd, node):
+        yield node
 
 
 @pytest.fixture

@@ -92,18 +92,18 @@ def agent_node(crd: Cluster, tmp_path: Path) -> Iterator[NodeAgent]:
     CPU nodes are cordoned too. All are uncordoned afterwards.
     """
     agent = NodeAgent(crd.plane, tmp_path / "node-agent", name=f"agent-l40s-{uuid.uuid4().hex[:6]}")
-    agent.start()
-    with cordoned(crd, *KWOK_L40S_NODES, *KWOK_CPU_NODES):
-        try:
-            yield agent
-        finally:
-            agent.stop()
+    with serving(crd, agent):
+        yield agent
 
 
 @contextlib.contextmanager
-def cordoned(cluster: Cluster, *nodes: str) -> Iterator[None]:
+def serving(cluster: Cluster, agent: NodeAgent) -> Iterator[NodeAgent]:
+    """The agent started, and its nodes the only schedulable L40S and CPU nodes until it stops."""
+    agent.start()
+    nodes = (*KWOK_L40S_NODES, *KWOK_CPU_NODES)
     cluster.kubectl("cordon", *nodes)
     try:
-        yield
+        yield agent
     finally:
         cluster.kubectl("uncordon", *nodes, check=False)
+        agent.stop()

@@ -12,6 +12,7 @@ import base64
 import json
 import uuid
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -69,8 +70,10 @@ def test_credentials_only_by_reference_never_in_logs_status_or_events_and_pods_a
         "leak-no-bucket": store.job("leak-no-bucket"),
         "leak-refused-token": store.job("leak-refused-token"),
     }
-    # The model from the (stand-in) hub: with the default token Secret, and with one the hub refuses.
+    # The model from the (stand-in) hub: with the default token Secret, and with one the hub refuses. The good job
+    # also names a model cache volume, which its preparation pod fills for the training pod.
     jobs["leak-ok"]["spec"]["model"] = {"base": hub.repo, "dtype": "fp32"}
+    jobs["leak-ok"]["spec"]["resources"]["modelCacheClaim"] = _model_cache_claim(crd, namespace)
     jobs["leak-refused-token"]["spec"]["model"] = {
         "base": hub.repo,
         "dtype": "fp32",
@@ -88,6 +91,13 @@ def test_credentials_only_by_reference_never_in_logs_status_or_events_and_pods_a
         f"phases {expected}",
         interval=1,
     )
+
+    # The model cache hand-over: the training pod started from the filled volume and asked the hub nothing.
+    [trainer_pod] = kljs.pods("leak-ok")
+    started = datetime.fromisoformat(trainer_pod["status"]["startTime"].replace("Z", "+00:00")).timestamp()
+    by_licensee = [r for r in hub.server.requests_for(hub.repo) if r.user == "licensee"]
+    assert by_licensee and not [r for r in by_licensee if r.at >= started], [(r.method, r.path) for r in by_licensee]
+    assert [r for r in by_licensee if r.method == "GET" and "/resolve/" in r.path], "the preparation downloaded it"
 
     # Pods: admitted under `restricted`, credentials by reference only. Every job had a preparation pod; only the
     # one whose inputs were fine got a trainer pod.
@@ -171,6 +181,46 @@ def test_credentials_only_by_reference_never_in_logs_status_or_events_and_pods_a
         jobs=expected,
         pod_security="restricted (enforce)",
     )
+
+
+def _model_cache_claim(cluster: Cluster, namespace: str) -> str:
+    """A PersistentVolumeClaim bound to a PersistentVolume made for it (the node agent gives each claim one folder)."""
+    claim, volume = "model-cache", f"model-cache-{namespace}"
+    manifests = [
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": volume, "labels": {"kontext-lora.io/test": namespace}},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "",
+                "persistentVolumeReclaimPolicy": "Delete",
+                "hostPath": {"path": f"/tmp/{volume}"},
+                "claimRef": {"namespace": namespace, "name": claim},
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": namespace},
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "",
+                "volumeName": volume,
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+    ]
+    cluster.kubectl("apply", "-f", "-", input="\n---\n".join(json.dumps(m) for m in manifests))
+    wait_until(
+        lambda: (
+            cluster.kubectl("get", "pvc", claim, "-n", namespace, "-o", "jsonpath={.status.phase}").stdout == "Bound"
+        ),
+        60,
+        "the claim to be bound",
+    )
+    return claim
 
 
 def _no_wildcards(rules: list[dict], where: str) -> None:

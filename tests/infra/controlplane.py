@@ -169,11 +169,11 @@ class ControlPlane:
         scheduler.wait_ready(lambda: "Serving securely" in scheduler.log_path.read_text(), 60)
         self.started_seconds = time.monotonic() - began
 
-    def stop_apiserver(self) -> float:
-        """Stop kube-apiserver (SIGTERM, as a control-plane restart or an outage does); etcd, the controllers and
-        everything else keep running. Seconds it took to exit."""
+    def stop_apiserver(self, grace: float = 10) -> float:
+        """Stop kube-apiserver (SIGTERM, SIGKILL after `grace` seconds, as a control-plane restart or a crash does);
+        etcd, the controllers and everything else keep running. Seconds it took to exit."""
         began = time.monotonic()
-        self.apiserver.stop()
+        self.apiserver.stop(grace=grace)
         return time.monotonic() - began
 
     def start_apiserver(self, timeout: float = 90) -> float:

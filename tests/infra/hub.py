@@ -28,6 +28,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -65,6 +66,7 @@ class HubRequest:
     path: str
     status: int
     user: str | None
+    at: float = field(default_factory=time.time)  # wall clock, comparable with Kubernetes timestamps
 
 
 class HubServer:

@@ -11,7 +11,8 @@ minus containers:
   with the pod's environment resolved: literal values with `$(VAR)` expansion, `secretKeyRef`/`configMapKeyRef`
   (read through the API; a missing one leaves the pod waiting in CreateContainerConfigError, as a kubelet does),
   `fieldRef`;
-- mounts: every volume becomes a folder; environment values under a mount path are rewritten to that folder;
+- mounts: every volume becomes a folder (a PersistentVolumeClaim one folder per claim, shared by the pods that mount
+  it); environment values under a mount path are rewritten to that folder;
 - identity: mints a token for the pod's ServiceAccount (TokenRequest, bound to the pod) and hands the process a
   KUBECONFIG with it, so the process's API calls go through the pod's real RBAC;
 - status: Running with the container state, then Succeeded/Failed with the exit code and the termination
@@ -452,12 +453,18 @@ class NodeAgent:
 
     def _prepare(self, running: RunningPod, pod: dict[str, Any]) -> tuple[list[str], dict[str, str], Path]:
         container = pod["spec"]["containers"][0]
-        volumes = running.directory / "volumes"
-        mounts: dict[str, Path] = {}
+        folders: dict[str, Path] = {}
         for volume in pod["spec"].get("volumes") or []:
-            (volumes / volume["name"]).mkdir(parents=True, exist_ok=True)
+            if claim := (volume.get("persistentVolumeClaim") or {}).get("claimName"):
+                # A claim is the same volume for every pod that mounts it (one after the other, as ReadWriteOnce).
+                folder = self.root / "claims" / running.namespace / claim
+            else:
+                folder = running.directory / "volumes" / volume["name"]
+            folder.mkdir(parents=True, exist_ok=True)
+            folders[volume["name"]] = folder
+        mounts: dict[str, Path] = {}
         for mount in container.get("volumeMounts") or []:
-            target = volumes / mount["name"]
+            target = folders[mount["name"]]
             mounts[mount["mountPath"].rstrip("/") or "/"] = target / mount.get("subPath", "")
         env = self.resolve_env(pod, container)
         # Values under a mount path point into that volume's folder (longest mount path first).

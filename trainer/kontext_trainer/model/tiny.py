@@ -49,10 +49,11 @@ class TinyModelConfig(BaseModel):
     clip_vocab_size: int = 600
     t5_vocab_size: int = 400
     t5_max_length: int = 512
+    extra_vocabulary: str = ""  # more words for the tokenizers to learn (the toy base's edit instructions)
 
 
-def _corpus() -> list[str]:
-    words = _CORPUS_TEXT.split()
+def _corpus(extra_vocabulary: str = "") -> list[str]:
+    words = (_CORPUS_TEXT + " " + extra_vocabulary).split()
     # Deterministic sentences: every word, and word pairs, so BPE/Unigram learn stable merges.
     lines = [" ".join(words[i : i + 7]) for i in range(0, len(words), 3)]
     lines += [f"{a} {b}," for a, b in zip(words, reversed(words), strict=True)]
@@ -62,7 +63,7 @@ def _corpus() -> list[str]:
 
 def build_tokenizers(config: TinyModelConfig) -> tuple[CLIPTokenizer, T5Tokenizer]:
     """CLIP (byte-level BPE) and T5 (Unigram) tokenizers with the real ones' pipelines, trained on a tiny corpus."""
-    corpus = _corpus()
+    corpus = _corpus(config.extra_vocabulary)
     clip = CLIPTokenizer().train_new_from_iterator(corpus, vocab_size=config.clip_vocab_size)
     clip.model_max_length = 77
     t5 = T5Tokenizer(extra_ids=0).train_new_from_iterator(
@@ -72,12 +73,10 @@ def build_tokenizers(config: TinyModelConfig) -> tuple[CLIPTokenizer, T5Tokenize
     return clip, t5
 
 
-def build_tiny_pipeline(seed: int = 0, config: TinyModelConfig | None = None) -> FluxKontextPipeline:
-    """All components of a FLUX.1-Kontext pipeline, random-initialised from `seed`."""
-    config = config or TinyModelConfig()
-    torch.manual_seed(seed)
-    clip_tokenizer, t5_tokenizer = build_tokenizers(config)
-
+def build_text_encoders(
+    config: TinyModelConfig, clip_tokenizer: CLIPTokenizer, t5_tokenizer: T5Tokenizer
+) -> tuple[CLIPTextModel, T5EncoderModel]:
+    """One-layer CLIP and T5 encoders of width `config.text_dim`, random-initialised (from torch's current seed)."""
     clip = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(clip_tokenizer),
@@ -107,6 +106,15 @@ def build_tiny_pipeline(seed: int = 0, config: TinyModelConfig | None = None) ->
             decoder_start_token_id=t5_tokenizer.pad_token_id,
         )
     )
+    return clip, t5
+
+
+def build_tiny_pipeline(seed: int = 0, config: TinyModelConfig | None = None) -> FluxKontextPipeline:
+    """All components of a FLUX.1-Kontext pipeline, random-initialised from `seed`."""
+    config = config or TinyModelConfig()
+    torch.manual_seed(seed)
+    clip_tokenizer, t5_tokenizer = build_tokenizers(config)
+    clip, t5 = build_text_encoders(config, clip_tokenizer, t5_tokenizer)
     levels = len(config.vae_channels)
     vae = AutoencoderKL(
         in_channels=3,

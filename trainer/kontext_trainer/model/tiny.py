@@ -2,7 +2,7 @@
 
 It has every component the real model has — `FluxTransformer2DModel` (guidance embedding, one double- and one
 single-stream block), `AutoencoderKL` (4 levels = scale factor 8, 4 latent channels), CLIP and T5 text encoders,
-tokenizers trained on a small built-in corpus, the flow-matching scheduler — so the trainer loads it through the
+tokenizers built from a small built-in corpus, the flow-matching scheduler — so the trainer loads it through the
 same code path as FLUX.1-Kontext-dev. It is small enough to train at 512 px on two CPU cores.
 
 The VAE's `shift_factor`/`scaling_factor` are calibrated on synthetic images so its latents are roughly
@@ -18,6 +18,8 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
 from pydantic import BaseModel, ConfigDict
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+from .vocabulary import clip_tokenizer, t5_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,6 @@ class TinyModelConfig(BaseModel):
     vae_channels: tuple[int, ...] = (8, 8, 16, 16)
     text_dim: int = 32
     clip_vocab_size: int = 600
-    t5_vocab_size: int = 400
     t5_max_length: int = 512
     extra_vocabulary: str = ""  # more words for the tokenizers to learn (the toy base's edit instructions)
 
@@ -62,15 +63,10 @@ def _corpus(extra_vocabulary: str = "") -> list[str]:
 
 
 def build_tokenizers(config: TinyModelConfig) -> tuple[CLIPTokenizer, T5Tokenizer]:
-    """CLIP (byte-level BPE) and T5 (Unigram) tokenizers with the real ones' pipelines, trained on a tiny corpus."""
+    """CLIP (byte-level BPE) and T5 (Unigram) tokenizers with the real ones' pipelines, built deterministically
+    from a small corpus (vocabulary.py)."""
     corpus = _corpus(config.extra_vocabulary)
-    clip = CLIPTokenizer().train_new_from_iterator(corpus, vocab_size=config.clip_vocab_size)
-    clip.model_max_length = 77
-    t5 = T5Tokenizer(extra_ids=0).train_new_from_iterator(
-        corpus, vocab_size=config.t5_vocab_size, unk_token="<unk>", initial_alphabet=_ALPHABET
-    )
-    t5.model_max_length = config.t5_max_length
-    return clip, t5
+    return clip_tokenizer(corpus, config.clip_vocab_size), t5_tokenizer(corpus, config.t5_max_length)
 
 
 def build_text_encoders(

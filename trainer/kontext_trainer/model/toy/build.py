@@ -23,6 +23,7 @@ VAE_FIT_SCENES = 16  # 192 px scenes: ~600k pixels for the decoder's least-squar
 EDIT_FIT_SCENES = 16
 FIT_SIZE = 192
 EDIT_FIT_SIZE = 128
+CLIP_VOCABULARY = 1200  # enough merges that every corpus word is one CLIP token (the bag of words, text.py)
 
 
 def known_edits() -> list[Edit]:
@@ -33,7 +34,7 @@ def known_edits() -> list[Edit]:
 @torch.no_grad()
 def encode_latents(vae: AutoencoderKL, images) -> torch.Tensor:
     """Normalised latents (B, 16, H/8, W/8), exactly as FluxKontextPipeline prepares its image latents."""
-    latents = vae.encode(to_pixels(images)).latent_dist.mode()
+    latents = vae.encode(to_pixels(images).to(vae.dtype)).latent_dist.mode()
     return normalize_latents(latents, vae.config.shift_factor, vae.config.scaling_factor)
 
 
@@ -59,7 +60,9 @@ def fit_edit_maps(vae: AutoencoderKL, edits: list[Edit], rng: np.random.Generato
 
 
 def build_text(seed: int, config: ToyTransformerConfig) -> tuple[CLIPTokenizer, CLIPTextModel, object, object]:
-    text_config = TinyModelConfig(text_dim=config.text_dim, t5_max_length=512, extra_vocabulary=VOCABULARY)
+    text_config = TinyModelConfig(
+        text_dim=config.text_dim, t5_max_length=512, clip_vocab_size=CLIP_VOCABULARY, extra_vocabulary=VOCABULARY
+    )
     torch.manual_seed(seed)
     clip_tokenizer, t5_tokenizer = build_tokenizers(text_config)
     clip, t5 = build_text_encoders(text_config, clip_tokenizer, t5_tokenizer)
@@ -82,6 +85,7 @@ def pooled_instructions(pipeline: FluxKontextPipeline, edits: list[Edit]) -> tup
 def build_toy_pipeline(seed: int = 0) -> FluxKontextPipeline:
     rng = np.random.default_rng(seed)
     batches = [to_pixels([render_scene(rng, FIT_SIZE, FIT_SIZE) for _ in range(4)]) for _ in range(VAE_FIT_SCENES // 4)]
+    torch.manual_seed(seed)  # the VAE's switched-off residual branches keep their (unused) random weights
     vae = build_vae(batches)
     config = ToyTransformerConfig()
     clip_tokenizer, clip, t5_tokenizer, t5 = build_text(seed, config)
@@ -98,7 +102,7 @@ def build_toy_pipeline(seed: int = 0) -> FluxKontextPipeline:
     templates, owners = pooled_instructions(pipeline, edits)
     edit_maps = fit_edit_maps(vae, edits, rng)
     tokens = pack_latents(encode_latents(vae, [render_scene(rng, EDIT_FIT_SIZE, EDIT_FIT_SIZE) for _ in range(4)]))
-    transformer = build_transformer(config, edit_maps, templates, owners, tokens, seed)
-    pipeline.register_modules(transformer=transformer)
+    transformer = build_transformer(config, edit_maps, templates, owners, tokens.float(), seed)
+    pipeline.register_modules(transformer=transformer, vae=vae.float())
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

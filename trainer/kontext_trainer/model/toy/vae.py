@@ -294,6 +294,8 @@ def calibrate_latent_normalisation(vae: AutoencoderKL, batches: Sequence[torch.T
 
 
 def build_vae(batches: Sequence[torch.Tensor]) -> AutoencoderKL:
-    vae = AutoencoderKL(**vae_config())
-    fit_vae(vae, batches)
+    """The fitted VAE, in float64: fits in double precision give the same float32 weights whatever the thread
+    count or CPU (float32 sums differ in the last bit between them); cast it with `.float()` when done."""
+    vae = AutoencoderKL(**vae_config()).double()
+    fit_vae(vae, [batch.double() for batch in batches])
     return vae

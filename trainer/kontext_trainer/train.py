@@ -62,7 +62,7 @@ from .train_step import (
     make_accelerator,
     require_supported_precision,
 )
-from .validation import HeldOutSet
+from .validation import EDIT_METRIC, HeldOutEdits, HeldOutSet
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ class RunResult:
     start_step: int
     validation_before: float | None
     validation_after: float | None
+    base_edit_score: float | None  # the base model's held-out edit score (records carry the LoRA's per checkpoint)
     checkpoints: list[CheckpointRecord]
     best_checkpoint: str | None
     seconds: float
@@ -168,6 +169,7 @@ class TrainingRun:
             start_step=ctx.start_step,
             validation_before=ctx.baseline,
             validation_after=last_validation,
+            base_edit_score=ctx.base_edits.score if ctx.base_edits else None,
             checkpoints=records,
             best_checkpoint=self._best(),
             seconds=time.monotonic() - started,
@@ -287,6 +289,13 @@ class TrainingRun:
             baseline=baseline,
             tracker=tracker,
         )
+        context.base_edits = context.held_out_edits(settings.preview_steps, spec.training.seed, base=True)
+        if context.base_edits is not None:
+            log.info(
+                "held-out edit score of the base model: %.2f dB",
+                context.base_edits.score,
+                **fields(base_edit_score=context.base_edits.score),
+            )
         return context, step_fn, [by_stem[p.stem] for p in data.train_pairs]
 
     # ---- training loop -------------------------------------------------------------------------------------
@@ -428,20 +437,17 @@ class TrainingRun:
             },
             staging / STATE_FILE,
         )
-        preview = None
-        if ctx.scheduler_config is not None and stopped_by is None:
+        preview = lora_edits = None
+        if ctx.base_edits is not None and stopped_by is None:
+            lora_edits = ctx.held_out_edits(settings.preview_steps, spec.training.seed)
             preview = ctx.held_out.preview(
-                unwrapped,
-                ctx.latent_encoder.vae,
-                FlowMatchEulerDiscreteScheduler.from_config(ctx.scheduler_config),
-                ctx.accelerator,
-                settings.preview_steps,
-                title=f"{self.name} step {step}: before | after | LoRA output"
-                + (f" (held-out loss {validation:.4f})" if validation is not None else ""),
-                seed=spec.training.seed,
+                ctx.base_edits,
+                lora_edits,
+                title=f"{self.name} step {step}: before | after | base model | LoRA"
+                + f" (edit score {lora_edits.score:.2f} dB, base {ctx.base_edits.score:.2f} dB"
+                + (f", held-out loss {validation:.4f})" if validation is not None else ")"),
             )
-            if preview is not None:
-                preview.save(staging / PREVIEW_FILE)
+            preview.save(staging / PREVIEW_FILE)
         now = datetime.now(UTC)
         (staging / VALIDATION_FILE).write_text(
             json.dumps(
@@ -451,6 +457,7 @@ class TrainingRun:
                     "baselineValidationLoss": ctx.baseline,
                     "heldOutPairs": [p.pair.stem for p in ctx.held_out.pairs],
                     "timesteps": [round(float(t), 6) for t in ctx.held_out.sigmas],
+                    **_edit_score_fields(ctx.held_out, ctx.base_edits, lora_edits),
                     "time": now.isoformat(timespec="seconds"),
                     **(
                         {
@@ -473,6 +480,8 @@ class TrainingRun:
             step=step,
             uri=storage.uri(prefix + lora_file_name(self.name, step)),
             validation_loss=validation,
+            edit_score=_rounded(lora_edits.score if lora_edits else None),
+            base_edit_score=_rounded(ctx.base_edits.score if lora_edits and ctx.base_edits else None),
             preview_uri=storage.uri(prefix + PREVIEW_FILE) if preview is not None else None,
             time=now,
         )
@@ -481,18 +490,24 @@ class TrainingRun:
         self.metrics.checkpoints_saved.inc()
         if validation is not None:
             self.metrics.validation_loss.set(validation)
+        if lora_edits is not None:
+            self.metrics.edit_score.set(lora_edits.score)
         self.status.update(force=True, **self._checkpoint_fields())
         log.info(
             "checkpoint step %d saved to %s (%s, %.1fs)%s",
             step,
             storage.uri(prefix),
-            f"on {stopped_by}: no held-out loss or preview" if stopped_by else f"held-out loss {_fmt(validation)}",
+            f"on {stopped_by}: no held-out loss or preview"
+            if stopped_by
+            else f"held-out loss {_fmt(validation)}"
+            + (f", edit score {lora_edits.score:.2f} dB (base {ctx.base_edits.score:.2f} dB)" if lora_edits else ""),
             time.monotonic() - began,
             f"; rotated out steps {deleted}" if deleted else "",
             **fields(
                 step=step,
                 checkpoint=storage.uri(prefix),
                 validation_loss=validation,
+                **({"edit_score": lora_edits.score} if lora_edits else {}),
                 rotated_out=deleted,
                 **({"stopped_by": stopped_by} if stopped_by else {}),
             ),
@@ -503,6 +518,10 @@ class TrainingRun:
         return [self.records[s] for s in sorted(self.records)]
 
     def _best(self) -> str | None:
+        """The kept checkpoint with the highest edit score; without edit scores, the lowest held-out loss."""
+        edited = [r for r in self.records.values() if r.edit_score is not None]
+        if edited:
+            return max(edited, key=lambda r: (r.edit_score, r.step)).uri
         scored = [r for r in self.records.values() if r.validation_loss is not None]
         return min(scored, key=lambda r: (r.validation_loss, -r.step)).uri if scored else None
 
@@ -592,6 +611,40 @@ class _RunContext:
     start_step: int
     baseline: float | None
     tracker: ProgressTracker
+    base_edits: HeldOutEdits | None = None  # the base model's outputs on the held-out controls (once per run)
+
+    def held_out_edits(self, steps: int, seed: int, base: bool = False) -> HeldOutEdits | None:
+        """The pipeline's outputs on the held-out controls, with the LoRA (or without: `base`)."""
+        if self.scheduler_config is None:
+            return None
+        run = self.held_out.base_edits if base else self.held_out.edits
+        return run(
+            self.accelerator.unwrap_model(self.transformer),
+            self.latent_encoder.vae,
+            FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config),
+            self.accelerator,
+            steps,
+            seed,
+        )
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _edit_score_fields(held_out: HeldOutSet, base: HeldOutEdits | None, lora: HeldOutEdits | None) -> dict[str, Any]:
+    """validation.json's edit scores: the LoRA's and the base model's, overall and per held-out pair."""
+    if lora is None or base is None:
+        return {}
+    return {
+        "editMetric": EDIT_METRIC,
+        "editScore": _rounded(lora.score),
+        "baseEditScore": _rounded(base.score),
+        "editScores": {
+            item.pair.stem: {"lora": _rounded(lora_score), "base": _rounded(base_score)}
+            for item, lora_score, base_score in zip(held_out.pairs, lora.scores, base.scores, strict=True)
+        },
+    }
 
 
 def _fmt(value: float | None) -> str:

@@ -162,14 +162,47 @@ def demo(
 
 @app.command("tiny-model")
 def tiny_model(
-    directory: Annotated[Path, typer.Argument(help="Folder to save the diffusers-format model into.")],
-    seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
+    directory: Annotated[
+        Path | None,
+        typer.Argument(help="Folder to save the diffusers-format model into (with --toy-base: default the cache)."),
+    ] = None,
+    toy_base: Annotated[
+        bool,
+        typer.Option(
+            "--toy-base",
+            help="Build the toy base that performs edits (keep, brighter, darker, warmer, cooler), fitted to the "
+            "scene world; without it the weights are random.",
+        ),
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed for the weights.")] = 0,
 ) -> None:
-    """Build a tiny random-initialised FLUX.1-Kontext model (transformer, VAE, CLIP, T5, tokenizers)."""
+    """Build a tiny FLUX.1-Kontext model (transformer, VAE, CLIP, T5, tokenizers) in diffusers format."""
     _require_trainer()
-    from kontext_trainer.model.tiny import save_tiny_model
+    if not toy_base:
+        if directory is None:
+            raise _fail("give the folder to save the model into (or --toy-base to build the toy base into the cache)")
+        from kontext_trainer.model.tiny import save_tiny_model
 
-    console.print(f"saved tiny FLUX.1-Kontext model to {save_tiny_model(directory, seed=seed)}")
+        console.print(f"saved tiny FLUX.1-Kontext model to {save_tiny_model(directory, seed=seed)}")
+        return
+    from kontext_trainer.demo import ensure_toy_base
+    from kontext_trainer.model.toy import read_report, save_toy_base
+
+    if directory is None:
+        if seed != 0:
+            raise _fail("the cached toy base is built from seed 0: give a folder to build another seed into")
+        directory = ensure_toy_base()
+        report = read_report(directory)
+    else:
+        report = save_toy_base(directory, seed=seed)
+    edits = ", ".join(f"{name} {value:.1f} dB" for name, value in report.edit_psnr.items())
+    console.print(
+        f"toy base {report.name} (seed {report.seed}) in {directory}: built in {report.build_seconds:.0f} s\n"
+        f"on {report.evaluation_size} px scenes it never saw: VAE reconstruction {report.vae_psnr:.1f} dB; "
+        f"edits through FluxKontextPipeline ({report.inference_steps} steps, PSNR against the exact edit): {edits}; "
+        f"an instruction it does not know keeps the image ({report.unknown_instruction_psnr:.1f} dB)",
+        highlight=False,
+    )
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -98,9 +98,11 @@ class DatasetSpec(CrossFieldRules, ApiModel):
     trigger_word: Annotated[str, Field(min_length=2, max_length=64, pattern=TRIGGER_WORD)] | None = Field(
         None, description='Word prefixed to every caption; must end with a comma, e.g. "XM,".'
     )
-    resolution: Literal[512, 1024] = Field(
+    resolution: Literal[256, 512, 1024] = Field(
         1024,
-        description="Training resolution bucket: images are resized (aspect kept) to about this many pixels per side.",
+        description="Training resolution bucket: images are resized (aspect kept) to about this many pixels per side. "
+        "1024 is what FLUX.1-Kontext-dev was tuned at; 512 trains faster; 256 is for quick runs of small models "
+        "(the CPU demo's toy base).",
     )
     held_out_pairs: StrictInt = Field(
         2,

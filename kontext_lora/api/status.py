@@ -91,6 +91,14 @@ class CheckpointRecord(ApiModel):
     step: int = Field(ge=0, description="Optimiser step the checkpoint was saved at.")
     uri: Annotated[str, Field(max_length=2048)] = Field(description="LoRA safetensors of this checkpoint.")
     validation_loss: float | None = Field(None, description="Mean flow-matching loss on the held-out pairs.")
+    edit_score: float | None = Field(
+        None,
+        description="Edit score of this checkpoint's LoRA: PSNR (dB) of FluxKontextPipeline's output against the "
+        "target, mean over the held-out pairs (higher is better).",
+    )
+    base_edit_score: float | None = Field(
+        None, description="The same score of the base model without the LoRA, for comparison."
+    )
     preview_uri: Annotated[str, Field(max_length=2048)] | None = Field(
         None, description="Before/after preview grid on the held-out pairs."
     )
@@ -137,7 +145,7 @@ class KontextLoRAJobStatus(ApiModel):
         None, description="URI of the newest checkpoint."
     )
     best_checkpoint: Annotated[str, Field(max_length=2048)] | None = Field(
-        None, description="Checkpoint with the lowest held-out loss."
+        None, description="Checkpoint with the highest edit score (without edit scores: the lowest held-out loss)."
     )
     lora_uri: Annotated[str, Field(max_length=2048)] | None = Field(None, description="The final LoRA, once uploaded.")
     last_progress_time: datetime | None = Field(None, description="When the trainer last reported progress.")

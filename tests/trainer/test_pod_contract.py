@@ -27,6 +27,8 @@ METRICS = (
     "kontext_train_gpu_memory_bytes",
     "kontext_train_checkpoints_saved_total",
     "kontext_dataset_pairs",
+    "kontext_train_validation_loss",
+    "kontext_train_edit_score",
 )
 STAGES = ["Preparing", "Downloading", "Training", "Uploading", "Done"]
 
@@ -133,6 +135,8 @@ def test_from_env_run_reports_status_serves_metrics_and_writes_everything_to_s3(
     assert record["uri"] == f"s3://{bucket}/out/checkpoints/step-000008/{name}-step-000008.safetensors"
     assert record["previewUri"] == f"s3://{bucket}/out/checkpoints/step-000008/preview.png"
     assert record["validationLoss"] > 0
+    # The edit scores survive the CRD's structural schema (unknown status fields would be pruned).
+    assert isinstance(record["editScore"], float) and isinstance(record["baseEditScore"], float), record
     assert status["lastCheckpoint"] == status["bestCheckpoint"] == record["uri"]
     assert "lastProgressTime" in status and status["loss"] > 0 and status["learningRate"] > 0
     seen = [s for s in observer.stages if s in STAGES]

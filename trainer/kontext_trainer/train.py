@@ -43,6 +43,7 @@ class RunResult:
     start_step: int
     validation_before: float | None
     validation_after: float | None
+    base_edit_score: float | None  # the base model's held-out edit score (records carry the LoRA's per checkpoint)
     checkpoints: list[CheckpointRecord]
     best_checkpoint: str | None
     seconds: float
@@ -115,6 +116,7 @@ class TrainingRun:
             start_step=ctx.start_step,
             validation_before=ctx.baseline,
             validation_after=last_validation,
+            base_edit_score=ctx.base_edits.score if ctx.base_edits else None,
             checkpoints=records,
             best_checkpoint=checkpointer.best(),
             seconds=time.monotonic() - started,

@@ -7,7 +7,7 @@ Starts etcd + kube-apiserver + controller-manager + scheduler and KWOK's fake no
 the admission policy and the operator's least-privilege identity, and runs `kontext-lora operator` as a subprocess
 (tests/infra/operator_process.py; without `--verbose`, as the chart runs it). Then, per phase, in its own namespace:
 
-- burst: N jobs created at once by 8 client threads; latency of each = (its batch Job's ADDED event) − (its
+- burst: N jobs created at once by 8 client threads; latency of each = (its first batch Job's ADDED event) − (its
   KontextLoRAJob's ADDED event), both timestamped on arrival by watches in this process (one clock);
 - settle: time from the first create until every job is either scheduled (pod bound to a node: reason Running or
   Starting) or Pending with the scheduler's reason in its status (reason Unschedulable, message "... Insufficient
@@ -117,6 +117,11 @@ class Watcher:
             self._watch.stop()
 
 
+# A job's first batch Job, the one the operator makes as soon as it sees the job: its preparation Job (the GPU Job
+# `-trainer` follows once the preparation completed; before the preparation phase it was the first).
+FIRST_JOB = "-prepare"
+
+
 def settled(phase: str | None, reason: str | None, message: str | None) -> bool:
     """Scheduled (the pod is bound to a node), or Pending with the scheduler's reason in the status."""
     if phase is None:
@@ -203,7 +208,7 @@ def wait(predicate, timeout: float, what: str, interval: float = 0.1) -> None:
 
 def latencies(kljs: Watcher, jobs: Watcher, names: list[str]) -> list[float]:
     with kljs.lock, jobs.lock:
-        return [jobs.seen.added[f"{n}-trainer"] - kljs.seen.added[n] for n in names]
+        return [jobs.seen.added[f"{n}{FIRST_JOB}"] - kljs.seen.added[n] for n in names]
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -246,7 +251,7 @@ def run_phase(
     sampler.peak_rss = rss_before
     began = time.monotonic()
     create_seconds = create_all(api_client, namespace, names)
-    wait(lambda: all(f"{n}-trainer" in jobs_watch.seen.added for n in names), timeout, f"{count} Jobs")
+    wait(lambda: all(f"{n}{FIRST_JOB}" in jobs_watch.seen.added for n in names), timeout, f"{count} Jobs")
     all_jobs = time.monotonic() - began
     wait(lambda: all(n in kljs_watch.seen.settled for n in names), timeout, f"{count} jobs to settle", 0.5)
     with kljs_watch.lock:
@@ -265,7 +270,7 @@ def run_phase(
         kljs.custom.create_namespaced_custom_object(
             "kontext-lora.io", "v1alpha1", namespace, "kontextlorajobs", manifest(name, index)
         )
-        wait(lambda name=name: f"{name}-trainer" in jobs_watch.seen.added, 60, f"the Job of {name}", 0.02)
+        wait(lambda name=name: f"{name}{FIRST_JOB}" in jobs_watch.seen.added, 60, f"the Job of {name}", 0.02)
         time.sleep(0.3)
     steady_summary = summary(latencies(kljs_watch, jobs_watch, steady_names)) if steady_names else None
     kljs_watch.stop()
@@ -359,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             servers = _server_processes([*plane.processes, kwok.process])
             # The first job after start also waits for the apiserver's watch cache of the new CRD: not measured.
             create_all(api, namespaces[0], ["warm-up"])
-            wait(lambda: _job_exists(api, namespaces[0], "warm-up-trainer"), 60, "the warm-up Job")
+            wait(lambda: _job_exists(api, namespaces[0], f"warm-up{FIRST_JOB}"), 60, "the warm-up Job")
             result["operator_rss_idle_mb"] = sampler.rss() / 1e6
             for namespace, count in zip(namespaces, phases, strict=True):
                 console.print(f"phase: {count} jobs in {namespace} (load {load_average()})")

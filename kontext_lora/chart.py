@@ -312,6 +312,9 @@ def build_values_schema(values_text: str) -> dict[str, Any]:
     config = _operator_config_schema()["properties"]
     trainer = config["trainer"]["properties"]
     storage = config["defaultStorage"]["properties"]
+    preparation = config["preparation"]["properties"]
+    hub = config["hub"]["properties"]
+    token = hub["tokenSecret"]["properties"]
     endpoint = storage["endpoint"]
     exact: dict[tuple[str, ...], dict[str, Any]] = {
         ("watchNamespaces",): {"type": "array", "items": DNS_LABEL, "uniqueItems": True},
@@ -333,6 +336,25 @@ def build_values_schema(values_text: str) -> dict[str, Any]:
         ("trainer", "podAnnotations"): trainer["annotations"],
         ("trainer", "terminationGracePeriodSeconds"): trainer["terminationGracePeriodSeconds"],
         ("gpuClasses",): config["gpuClasses"],
+        **{
+            ("preparation", key): preparation[field_name]
+            for key, field_name in (
+                ("enabled", "enabled"),
+                ("nodeSelector", "nodeSelector"),
+                ("tolerations", "tolerations"),
+                ("affinity", "affinity"),
+                ("cpu", "cpu"),
+                ("memory", "memory"),
+                ("workDirSizeLimit", "workDirSizeLimit"),
+                ("activeDeadlineSeconds", "activeDeadlineSeconds"),
+                ("backoffLimit", "backoffLimit"),
+                ("podLabels", "labels"),
+                ("podAnnotations", "annotations"),
+            )
+        },
+        ("hub", "endpoint"): {"type": "string", "pattern": f"^$|{hub['endpoint']['pattern']}"},
+        ("hub", "tokenSecret", "name"): {"type": "string", "pattern": f"^$|{token['name']['pattern']}"},
+        ("hub", "tokenSecret", "key"): token["key"],
         # Empty means "AWS S3": the template leaves the key out of the operator config.
         ("storage", "endpoint"): {"type": "string", "pattern": f"^$|{endpoint['pattern']}"},
         ("storage", "region"): {**storage["region"], "pattern": "^[a-z0-9-]+$"},

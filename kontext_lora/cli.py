@@ -140,6 +140,29 @@ def train(
 
 
 @app.command()
+def prepare(
+    job_file: Annotated[Path | None, typer.Argument(help="KontextLoRAJob YAML file (local runs).")] = None,
+    from_env: Annotated[bool, typer.Option(help="Read the job from $KONTEXT_LORA_JOB (set by the operator).")] = False,
+    work_dir: Annotated[Path | None, typer.Option(help="Local working folder (the downloaded pairs).")] = None,
+    download_model: Annotated[
+        bool | None,
+        typer.Option(
+            "--download-model/--no-download-model",
+            help="Also download the model into the model cache ($HF_HOME); default: $KONTEXT_LORA_FILL_MODEL_CACHE.",
+        ),
+    ] = None,
+) -> None:
+    """Check a job's inputs without training: storage, model access, every pair; writes <output>/preparation.json."""
+    _require_trainer()
+    from kontext_trainer.main import run_training
+
+    code = run_training(
+        job_file=job_file, from_env=from_env, work_dir=work_dir, prepare_only=True, fill_model_cache=download_model
+    )
+    raise typer.Exit(code)
+
+
+@app.command()
 def demo(
     work_dir: Annotated[Path, typer.Option(help="Where the demo writes its model, data and LoRA.")] = Path("runs/demo"),
 ) -> None:
@@ -152,14 +175,47 @@ def demo(
 
 @app.command("tiny-model")
 def tiny_model(
-    directory: Annotated[Path, typer.Argument(help="Folder to save the diffusers-format model into.")],
-    seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
+    directory: Annotated[
+        Path | None,
+        typer.Argument(help="Folder to save the diffusers-format model into (with --toy-base: default the cache)."),
+    ] = None,
+    toy_base: Annotated[
+        bool,
+        typer.Option(
+            "--toy-base",
+            help="Build the toy base that performs edits (keep, brighter, darker, warmer, cooler), fitted to the "
+            "scene world; without it the weights are random.",
+        ),
+    ] = False,
+    seed: Annotated[int, typer.Option(help="Seed for the weights.")] = 0,
 ) -> None:
-    """Build a tiny random-initialised FLUX.1-Kontext model (transformer, VAE, CLIP, T5, tokenizers)."""
+    """Build a tiny FLUX.1-Kontext model (transformer, VAE, CLIP, T5, tokenizers) in diffusers format."""
     _require_trainer()
-    from kontext_trainer.model.tiny import save_tiny_model
+    if not toy_base:
+        if directory is None:
+            raise _fail("give the folder to save the model into (or --toy-base to build the toy base into the cache)")
+        from kontext_trainer.model.tiny import save_tiny_model
 
-    console.print(f"saved tiny FLUX.1-Kontext model to {save_tiny_model(directory, seed=seed)}")
+        console.print(f"saved tiny FLUX.1-Kontext model to {save_tiny_model(directory, seed=seed)}")
+        return
+    from kontext_trainer.demo import ensure_toy_base
+    from kontext_trainer.model.toy import read_report, save_toy_base
+
+    if directory is None:
+        if seed != 0:
+            raise _fail("the cached toy base is built from seed 0: give a folder to build another seed into")
+        directory = ensure_toy_base()
+        report = read_report(directory)
+    else:
+        report = save_toy_base(directory, seed=seed)
+    edits = ", ".join(f"{name} {value:.1f} dB" for name, value in report.edit_psnr.items())
+    console.print(
+        f"toy base {report.name} (seed {report.seed}) in {directory}: built in {report.build_seconds:.0f} s\n"
+        f"on {report.evaluation_size} px scenes it never saw: VAE reconstruction {report.vae_psnr:.1f} dB; "
+        f"edits through FluxKontextPipeline ({report.inference_steps} steps, PSNR against the exact edit): {edits}; "
+        f"an instruction it does not know keeps the image ({report.unknown_instruction_psnr:.1f} dB)",
+        highlight=False,
+    )
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

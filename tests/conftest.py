@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.infra.controlplane import ControlPlane
+from tests.infra.hub import HubServer
 from tests.infra.kwok import Kwok
 from tests.infra.minio import MinioServer
 
@@ -106,6 +107,37 @@ def s3_env(minio: MinioServer, monkeypatch: pytest.MonkeyPatch) -> dict[str, str
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     return env
+
+
+@dataclass
+class Hub:
+    """The stand-in hub with FLUX.1-Kontext-dev (gated, the tiny model's files), and three tokens."""
+
+    server: HubServer
+    repo: str
+    commit: str
+    granted_token: str  # of a user who accepted the licence
+    refused_token: str  # of a user who did not
+    unknown_token: str  # no user has it
+
+
+@pytest.fixture(scope="session")
+def hub() -> Iterator[Hub]:
+    """A stand-in for huggingface.co (tests/infra/hub.py) serving the tiny model as the gated
+    black-forest-labs/FLUX.1-Kontext-dev, on loopback."""
+    from kontext_trainer.demo import ensure_tiny_model
+
+    from kontext_lora.api import DEFAULT_BASE_MODEL
+
+    server = HubServer().start()
+    commit = server.add_repo(DEFAULT_BASE_MODEL, ensure_tiny_model(), gated=True, granted={"licensee"})
+    granted, refused = f"hf_{uuid.uuid4().hex}", f"hf_{uuid.uuid4().hex}"
+    server.add_token(granted, "licensee")
+    server.add_token(refused, "newcomer")
+    try:
+        yield Hub(server, DEFAULT_BASE_MODEL, commit, granted, refused, f"hf_{uuid.uuid4().hex}")
+    finally:
+        server.stop()
 
 
 def pytest_report_header(config: pytest.Config) -> str:

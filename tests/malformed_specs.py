@@ -185,4 +185,26 @@ MALFORMED: list[Malformed] = [
     Malformed("default-caption-empty", _set("dataset.defaultCaption", ""), "spec.dataset.defaultCaption"),
     Malformed("backoff-limit-50", _set("runPolicy.backoffLimit", 50), "spec.runPolicy.backoffLimit"),
     Malformed("dataset-uri-no-bucket", _set("dataset.uri", "s3:///pairs/"), "spec.dataset.uri"),
+    # Added with the preparation phase (issue 13): paths that leave the dataset, outputs mixed into the pairs.
+    Malformed("control-dir-leaves-dataset", _set("dataset.controlDir", "../../etc"), "spec.dataset.controlDir"),
+    Malformed("target-dir-parent-segment", _set("dataset.targetDir", "images/../../x"), "spec.dataset.targetDir"),
+    Malformed("output-uri-is-dataset-uri", _set("output.uri", "s3://pairs-bucket/remover/"), "spec.output.uri"),
+    Malformed("output-uri-is-dataset-uri-no-slash", _set("output.uri", "s3://pairs-bucket/remover"), "spec.output.uri"),
+    Malformed(
+        "output-uri-inside-target-dir",
+        _set("output.uri", "s3://pairs-bucket/remover/remover_images/loras/"),
+        "spec.output.uri",
+    ),
+    Malformed(
+        "cache-uri-inside-control-dir",
+        _set("output.cacheUri", "s3://pairs-bucket/remover/remover_controls/cache/"),
+        "spec.output.cacheUri",
+    ),
+    Malformed("cache-uri-gcs", _set("output.cacheUri", "gs://cache-bucket/x/"), "spec.output.cacheUri"),
+    Malformed("token-secret-no-name", _set("model.tokenSecret", {"key": "HF_TOKEN"}), "spec.model.tokenSecret.name"),
+    Malformed(
+        "token-secret-bad-key",
+        _set("model.tokenSecret", {"name": "hf", "key": "HF TOKEN"}),
+        "spec.model.tokenSecret.key",
+    ),
 ]

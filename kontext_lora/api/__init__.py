@@ -29,10 +29,19 @@ from .spec import (
     OutputSpec,
     ResourcesSpec,
     RunPolicySpec,
+    SecretKeySelector,
     StorageSpec,
     TrainingSpec,
 )
-from .status import CheckpointRecord, Condition, ConditionType, KontextLoRAJobStatus, Phase, Stage
+from .status import (
+    CheckpointRecord,
+    Condition,
+    ConditionType,
+    KontextLoRAJobStatus,
+    Phase,
+    PreparationStatus,
+    Stage,
+)
 
 __all__ = [
     "API_VERSION",
@@ -63,8 +72,10 @@ __all__ = [
     "ObjectMeta",
     "OutputSpec",
     "Phase",
+    "PreparationStatus",
     "ResourcesSpec",
     "RunPolicySpec",
+    "SecretKeySelector",
     "Stage",
     "StorageSpec",
     "TrainingSpec",

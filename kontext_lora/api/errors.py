@@ -14,6 +14,7 @@ PATTERN_MEANINGS = {
     spec.K8S_NAME: "expected a Kubernetes object name (lower-case letters, digits, '-' and '.')",
     spec.QUANTITY: "expected a Kubernetes quantity such as 4, 500m, 48Gi",
     spec.TRIGGER_WORD: 'the trigger word must end with a comma, e.g. "XM,"',
+    spec.SECRET_KEY: "expected a Secret key (letters, digits, '-', '_' and '.')",
 }
 
 

@@ -15,6 +15,7 @@ from .spec import GpuClass
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 GPU_MEMORY_LABEL = "nvidia.com/gpu.memory"
+GPU_PRESENT_LABEL = "nvidia.com/gpu.present"
 
 
 class NodeSelectorRequirement(ApiModel):

@@ -7,6 +7,7 @@ Nothing here imports torch: the operator image must stay small.
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from typing import Annotated, ClassVar, Literal
 
@@ -20,11 +21,18 @@ MODEL_SOURCE = (
     r"^(s3://[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9](/.*)?|file://.+|/.+|[A-Za-z0-9][A-Za-z0-9._\-]*/[A-Za-z0-9._\-]+)$"
 )
 RELATIVE_DIR = r"^[^/].*$"
+# A `..` segment anywhere in a relative folder (RE2 and Python alike: CEL's matches() uses RE2).
+PARENT_SEGMENT = r"(^|/)[.][.](/|$)"
 K8S_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 TRIGGER_WORD = r"^\S.*,$"
+# 256 is for small models (the CPU demo's toy base); 768 and [512, 768] follow ai-toolkit's Kontext example.
+Resolution = Literal[256, 512, 768, 1024]
 QUANTITY = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
+HUB_TOKEN_KEY = "HF_TOKEN"
 
 DEFAULT_BASE_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
+CACHE_FOLDER = "kontext-lora-cache"
 AUTO_STEPS_WHEN_PAIRS_UNKNOWN = 3000
 
 
@@ -41,6 +49,15 @@ class GpuClass(StrEnum):
     RTX4090_48GB = "RTX4090-48GB"
 
 
+class SecretKeySelector(ApiModel):
+    """A key of a Secret in the job's namespace, handed to the pods by `secretKeyRef` (never read by the operator)."""
+
+    name: Annotated[str, Field(max_length=253, pattern=K8S_NAME)] = Field(description="Name of the Secret.")
+    key: Annotated[str, Field(min_length=1, max_length=253, pattern=SECRET_KEY)] = Field(
+        HUB_TOKEN_KEY, description="Key in the Secret whose value is the token."
+    )
+
+
 class ModelSpec(ApiModel):
     """The base model the LoRA is trained against."""
 
@@ -53,6 +70,12 @@ class ModelSpec(ApiModel):
         None, description="Hub revision (branch, tag or commit) when `base` is a hub id."
     )
     dtype: DType = Field(DType.bf16, description="Training precision: bf16 (default), fp16, or fp32 (about 2x slower).")
+    token_secret: SecretKeySelector | None = Field(
+        None,
+        description="Secret holding a Hugging Face token (key HF_TOKEN by default) for a hub `base`: gated models "
+        "such as FLUX.1-Kontext-dev need a token of an account that accepted the licence. Default: the operator's "
+        "`hub.tokenSecret`.",
+    )
 
 
 class DatasetSpec(CrossFieldRules, ApiModel):
@@ -77,15 +100,17 @@ class DatasetSpec(CrossFieldRules, ApiModel):
     trigger_word: Annotated[str, Field(min_length=2, max_length=64, pattern=TRIGGER_WORD)] | None = Field(
         None, description='Word prefixed to every caption; must end with a comma, e.g. "XM,".'
     )
-    resolution: Literal[512, 768, 1024] = Field(
+    resolution: Resolution = Field(
         1024,
-        description="Training resolution: images are resized (aspect kept) to about this many pixels per side. With "
-        "`resolutions`, the primary one of them (the flux_shift held-out timesteps are taken at its token count).",
+        description="Training resolution: images are resized (aspect kept) to about this many pixels per side. "
+        "1024 is what FLUX.1-Kontext-dev was tuned at; 512 and 768 train faster; 256 is for quick runs of small "
+        "models (the CPU demo's toy base). With `resolutions`, the primary one of them (the flux_shift held-out "
+        "timesteps are taken at its token count).",
     )
-    resolutions: list[Literal[512, 768, 1024]] | None = Field(
+    resolutions: list[Resolution] | None = Field(
         None,
         min_length=1,
-        max_length=3,
+        max_length=4,
         description="Train at several resolutions (e.g. [512, 768], as ai-toolkit's Kontext example): every pair gets "
         "a bucket at each, a batch never mixes them, held-out pairs are measured at each. Must include `resolution`. "
         "Unset: `resolution` alone.",
@@ -111,6 +136,15 @@ class DatasetSpec(CrossFieldRules, ApiModel):
             message="must include resolution, the primary one: set resolution to one of them",
             field_path=".resolutions",
             holds=lambda d: d.resolutions is None or d.resolution in d.resolutions,
+        ),
+        *(
+            CrossFieldRule(
+                cel=f"!self.{field}.matches('{PARENT_SEGMENT}')",
+                message="must stay inside the dataset: '..' path segments are not allowed",
+                field_path=f".{field}",
+                holds=lambda d, attr=attr: not re.search(PARENT_SEGMENT, getattr(d, attr)),
+            )
+            for field, attr in (("controlDir", "control_dir"), ("targetDir", "target_dir"))
         ),
     )
 
@@ -278,6 +312,23 @@ class OutputSpec(ApiModel):
     name: Annotated[str, Field(max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] | None = Field(
         None, description="File name stem of the final LoRA; defaults to the job's name."
     )
+    cache_uri: Annotated[str, Field(max_length=1024, pattern=S3_OR_FILE_URI)] | None = Field(
+        None,
+        description="Where encodings (VAE latents, text embeddings) are cached, keyed by their content: restarts and "
+        "jobs on the same pairs and model that share this location encode nothing again. Default: the folder "
+        f"`{CACHE_FOLDER}/` beside `uri` (in its parent prefix).",
+    )
+
+    def effective_cache_uri(self) -> str:
+        """`cacheUri`, else `kontext-lora-cache/` in the parent of `uri` (the bucket root for a top-level prefix)."""
+        if self.cache_uri:
+            return with_slash(self.cache_uri)
+        uri = with_slash(self.uri)
+        scheme, _, rest = uri.partition("://")
+        head, _, path = rest.partition("/")  # s3: bucket / prefix; file: "" / absolute path
+        parts = [p for p in path.split("/") if p]
+        parent = "/".join(parts[:-1])
+        return f"{scheme}://{head}/{parent + '/' if parent else ''}{CACHE_FOLDER}/"
 
 
 class AddressingStyle(StrEnum):
@@ -345,6 +396,33 @@ class RunPolicySpec(ApiModel):
     )
 
 
+def with_slash(uri: str) -> str:
+    return uri if uri.endswith("/") else uri + "/"
+
+
+def outside_dataset(uri: str | None, dataset: DatasetSpec) -> bool:
+    """Whether an output URI stays clear of the pairs: not the dataset's URI, not in its control or target folder."""
+    if uri is None:
+        return True
+    out, root = with_slash(uri), with_slash(dataset.uri)
+    folders = (root + with_slash(dataset.control_dir), root + with_slash(dataset.target_dir))
+    return out != root and not any(out.startswith(folder) for folder in folders)
+
+
+def _outside_dataset_cel(field: str, optional: bool) -> str:
+    """`outside_dataset` in CEL; `[x].all(v, ...)` binds the slash-terminated forms to names."""
+
+    def slashed(expression: str) -> str:
+        return f"({expression}.endsWith('/') ? {expression} : {expression} + '/')"
+
+    check = (
+        f"[{slashed(field)}].all(o, [{slashed('self.dataset.uri')}].all(d, o != d"
+        f" && !o.startsWith(d + {slashed('self.dataset.controlDir')})"
+        f" && !o.startsWith(d + {slashed('self.dataset.targetDir')})))"
+    )
+    return f"!has({field}) || {check}" if optional else check
+
+
 def _defaults_of(section: type[ApiModel]) -> dict:
     """Schema extra giving an omitted section its full default, so the apiserver fills and validates it."""
     return {"default": section().to_wire()}
@@ -388,6 +466,16 @@ class KontextLoRAJobSpec(CrossFieldRules, ApiModel):
     )
 
     cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
+        *(
+            CrossFieldRule(
+                cel=_outside_dataset_cel(f"self.output.{field}", optional=field == "cacheUri"),
+                message="must not be the dataset's uri or inside its controlDir/targetDir: outputs would mix with "
+                "the pairs",
+                field_path=f".output.{field}",
+                holds=lambda s, attr=attr: outside_dataset(getattr(s.output, attr), s.dataset),
+            )
+            for field, attr in (("uri", "uri"), ("cacheUri", "cache_uri"))
+        ),
         CrossFieldRule(
             cel="type(self.training.steps) != int || self.checkpoints.saveEvery <= self.training.steps",
             message="must not exceed training.steps",

@@ -3,7 +3,8 @@
 Two writers share it without stepping on each other, each owning its own keys (merge patches):
 - the trainer (through a per-job Role limited to its own job): `stage`, progress (`step`, `totalSteps`,
   `loss`, `stepsPerSecond`, `etaSeconds`, `progressPercentage`, `learningRate`), `datasetPairs`,
-  `checkpoints`, `lastCheckpoint`, `bestCheckpoint`, `loraUri`, `lastProgressTime`;
+  `preparation`, `checkpoints`, `lastCheckpoint`, `bestCheckpoint`, `loraUri`, `lastProgressTime` (the
+  preparation pod reports `stage: Preparing` and `preparation`, the training pod the rest);
 - the operator: `phase`, `conditions`, `message`, `reason`, `restarts`, `jobName`, `startTime`,
   `completionTime`, `observedGeneration`.
 The operator derives `phase` from the Kubernetes Job and the trainer's `stage`.
@@ -22,6 +23,7 @@ from .base import ApiModel
 
 class Phase(StrEnum):
     Pending = "Pending"
+    Preparing = "Preparing"
     Downloading = "Downloading"
     Training = "Training"
     Uploading = "Uploading"
@@ -37,6 +39,7 @@ class Phase(StrEnum):
 class Stage(StrEnum):
     """What the trainer is doing; the operator shows it as the phase while the pod runs."""
 
+    Preparing = "Preparing"
     Downloading = "Downloading"
     Training = "Training"
     Uploading = "Uploading"
@@ -44,12 +47,36 @@ class Stage(StrEnum):
 
 
 class ConditionType(StrEnum):
+    Prepared = "Prepared"
     Created = "Created"
     Running = "Running"
     Restarting = "Restarting"
     Suspended = "Suspended"
     Succeeded = "Succeeded"
     Failed = "Failed"
+
+
+class PreparationStatus(ApiModel):
+    """What the preparation pod is doing, and what it found (reported by the pod, read by the operator)."""
+
+    task: Annotated[str, Field(max_length=128)] | None = Field(
+        None,
+        description="What the preparation is doing: checking storage, checking model access, listing, downloading "
+        "or validating the pairs, downloading the model, done.",
+    )
+    done: int | None = Field(None, ge=0, description="Items of the task done (files, pairs).")
+    total: int | None = Field(None, ge=0, description="Items of the task in all.")
+    warnings: list[Annotated[str, Field(max_length=2048)]] = Field(
+        default_factory=list,
+        max_length=20,
+        description="What the preparation noticed but did not fail on (files ignored, small images).",
+    )
+    manifest_uri: Annotated[str, Field(max_length=2048)] | None = Field(
+        None, description="The validated dataset and model the training pod starts from (preparation.json)."
+    )
+    model_revision: Annotated[str, Field(max_length=128)] | None = Field(
+        None, description="The hub commit a hub model resolved to; the training pod loads exactly this one."
+    )
 
 
 class Condition(ApiModel):
@@ -64,6 +91,14 @@ class CheckpointRecord(ApiModel):
     step: int = Field(ge=0, description="Optimiser step the checkpoint was saved at.")
     uri: Annotated[str, Field(max_length=2048)] = Field(description="LoRA safetensors of this checkpoint.")
     validation_loss: float | None = Field(None, description="Mean flow-matching loss on the held-out pairs.")
+    edit_score: float | None = Field(
+        None,
+        description="Edit score of this checkpoint's LoRA: PSNR (dB) of FluxKontextPipeline's output against the "
+        "target, mean over the held-out pairs (higher is better).",
+    )
+    base_edit_score: float | None = Field(
+        None, description="The same score of the base model without the LoRA, for comparison."
+    )
     preview_uri: Annotated[str, Field(max_length=2048)] | None = Field(
         None, description="Before/after preview grid on the held-out pairs."
     )
@@ -72,7 +107,7 @@ class CheckpointRecord(ApiModel):
 
 class KontextLoRAJobStatus(ApiModel):
     phase: Phase | None = Field(
-        None, description="Pending, Downloading, Training, Uploading, Succeeded, Failed or Suspended."
+        None, description="Pending, Preparing, Downloading, Training, Uploading, Succeeded, Failed or Suspended."
     )
     message: Annotated[str, Field(max_length=8192)] | None = Field(
         None, description="Human-readable detail of the phase, e.g. why it failed."
@@ -81,7 +116,7 @@ class KontextLoRAJobStatus(ApiModel):
         None, description="Machine-readable cause of the last transition."
     )
     conditions: list[Condition] = Field(
-        default_factory=list, description="Created, Running, Restarting, Suspended, Succeeded, Failed."
+        default_factory=list, description="Prepared, Created, Running, Restarting, Suspended, Succeeded, Failed."
     )
     observed_generation: int | None = None
     job_name: Annotated[str, Field(max_length=253)] | None = Field(
@@ -100,6 +135,9 @@ class KontextLoRAJobStatus(ApiModel):
     eta_seconds: int | None = Field(None, ge=0, description="Estimated seconds until training ends.")
     progress_percentage: int | None = Field(None, ge=0, le=100)
     dataset_pairs: int | None = Field(None, ge=0, description="Valid pairs found in the dataset.")
+    preparation: PreparationStatus | None = Field(
+        None, description="Progress and findings of the preparation pod (before any GPU is requested)."
+    )
     checkpoints: list[CheckpointRecord] = Field(
         default_factory=list, description="Checkpoints kept in storage, oldest first."
     )
@@ -107,7 +145,7 @@ class KontextLoRAJobStatus(ApiModel):
         None, description="URI of the newest checkpoint."
     )
     best_checkpoint: Annotated[str, Field(max_length=2048)] | None = Field(
-        None, description="Checkpoint with the lowest held-out loss."
+        None, description="Checkpoint with the highest edit score (without edit scores: the lowest held-out loss)."
     )
     lora_uri: Annotated[str, Field(max_length=2048)] | None = Field(None, description="The final LoRA, once uploaded.")
     last_progress_time: datetime | None = Field(None, description="When the trainer last reported progress.")

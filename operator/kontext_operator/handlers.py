@@ -65,6 +65,10 @@ def configure_settings(settings: kopf.OperatorSettings) -> None:
     settings.watching.server_timeout = 600
     settings.execution.default_backoff = 10  # retry delay after an unexpected error in a handler
     settings.networking.request_timeout = 60
+    # Retries of a failed API request, the KontextLoRAJob watch's included. kopf's default grows to 21 s, so after an
+    # apiserver outage the watch came back up to 21 s after the apiserver did (tests/faults/test_apiserver_outage.py);
+    # capped at 5 s it resumes within seconds. After the last retry kopf starts the watch over, with these again.
+    settings.networking.error_backoffs = [1, 1, 2, 3, 5, 5, 5, 5, 5, 5, 5, 5]
 
 
 @kopf.on.startup()

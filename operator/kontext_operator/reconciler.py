@@ -5,12 +5,13 @@ its batch Job or pods (watches.py) that changed something the status reads asks 
 deletion for a full reconcile); timers ask again after a failure, and at `ttlSecondsAfterFinished`. Requests for a
 job that arrive while its reconcile runs are merged into one more run, from the newest state. Each run:
 
-- `ensure`: the per-job ServiceAccount/Role/RoleBinding and the batch Job, idempotently (deterministic names;
-  409 AlreadyExists adopts what this KontextLoRAJob owns), so a restart at any point never makes a second Job;
-  then the spec brought to the live Job, level-triggered (no stored diff): `spec.suspend` when it differs from the
-  value last applied (an annotation on the Job, so Kueue's own suspending is left alone), `runPolicy` when it
-  differs, and a pod template that changed before training replaces the Job. Skipped while the job's generation
-  was already brought to a live Job.
+- `ensure`: the per-job ServiceAccount/Role/RoleBinding, then the CPU-only preparation Job, and once that Job
+  completed the GPU batch Job — idempotently (deterministic names; 409 AlreadyExists adopts what this
+  KontextLoRAJob owns), so a restart at any point never makes a second one of either; then the spec brought to the
+  live Job, level-triggered (no stored diff): `spec.suspend` when it differs from the value last applied (an
+  annotation on the Job, so Kueue's own suspending is left alone), `runPolicy` when it differs, and a pod template
+  that changed before training replaces both Jobs (the preparation validated the old spec). Skipped while the
+  job's generation was already brought to a live GPU Job. A failed preparation leaves no GPU Job to create.
 - `sync`: the operator's status keys from the in-memory Job, pods and the trainer's stage, written with optimistic
   concurrency only when one of them changed, and an Event for every transition.
 - `cleanup` (kopf's delete handler, behind the finalizer) and `expire` (TTL).
@@ -42,7 +43,7 @@ from .watches import ChildWatches
 Key = tuple[str, str]
 COMPONENT = "kontext-lora-operator"
 # States in which the trainer has not started: a changed spec replaces the Job instead of being refused.
-REPLACEABLE_PHASES = (None, Phase.Pending, Phase.Suspended)
+REPLACEABLE_PHASES = (None, Phase.Pending, Phase.Preparing, Phase.Suspended)
 FINISHED_PHASES = (Phase.Succeeded, Phase.Failed)
 # How long deletion waits for the trainer pod to stop before letting the garbage collector finish alone.
 DELETE_WAIT_SECONDS = 120
@@ -122,6 +123,12 @@ def finished(body: Mapping[str, Any]) -> bool:
     return (body.get("status") or {}).get("phase") in FINISHED_PHASES
 
 
+def _completed(job: Mapping[str, Any]) -> bool:
+    """Whether a (trimmed) batch Job completed successfully."""
+    conditions = (job.get("status") or {}).get("conditions") or ()
+    return any(c.get("type") in ("Complete", "SuccessCriteriaMet") and c.get("status") == "True" for c in conditions)
+
+
 class Reconciler:
     def __init__(
         self,
@@ -191,7 +198,9 @@ class Reconciler:
         gone = child == "job" and kind == "DELETED"
         if gone:
             self._ensured.pop(key, None)
-        self.request(key, full=gone)
+        # A Job's change can be the preparation completing, after which the GPU Job is made: a full reconcile (cheap
+        # while a live GPU Job is already up to date: a sync).
+        self.request(key, full=child == "job")
 
     def gate_changed(self, active: bool) -> None:
         if active:
@@ -318,8 +327,11 @@ class Reconciler:
         jobs: Iterable[dict] = self.children.jobs.get(key) if self.children is not None else ()
         return [job for job in jobs if uid in job.get("owners", ())]
 
-    def live_job(self, key: Key, uid: str | None) -> dict | None:
-        return next((job for job in self.owned_jobs(key, uid) if not job.get("deleting")), None)
+    def live_job(self, key: Key, uid: str | None, role: str = resources.TRAIN_ROLE) -> dict | None:
+        """The job's batch Job of `role` (the GPU Job by default) that is not being deleted."""
+        return next(
+            (job for job in self.owned_jobs(key, uid) if job.get("role") == role and not job.get("deleting")), None
+        )
 
     def pods(self, key: Key, job_uid: str) -> list[dict]:
         pods: Iterable[dict] = self.children.pods.get(key) if self.children is not None else ()
@@ -381,12 +393,15 @@ class Reconciler:
             observation = invalid_spec(list(essentials.errors), status)
         else:
             batch = self.live_job(key, metadata.get("uid"))
+            preparation = self.live_job(key, metadata.get("uid"), resources.PREPARE_ROLE)
             observation = observe(
                 batch,
                 self.pods(key, batch["uid"]) if batch else [],
                 status,
                 suspend=essentials.suspend,
                 active_deadline_seconds=essentials.active_deadline_seconds,
+                preparation=preparation,
+                preparation_pods=self.pods(key, preparation["uid"]) if preparation and not batch else [],
             )
             problem = self.problems.get(key)
             if problem and not observation.job_exists and observation.phase == Phase.Pending:
@@ -490,40 +505,65 @@ class Reconciler:
         key = (namespace, name)
         desired = resources.batch_job(job, self.config)
         owned = self.owned_jobs(key, uid)
-        current = next((j for j in owned if not j.get("deleting")), None) or (owned[0] if owned else None)
-        if current is None:
-            # The pod needs its ServiceAccount when the job controller makes it, so that goes first. The Role and
-            # RoleBinding (the Role first: RBAC's escalation check resolves it) are only used once the trainer
-            # reports progress, which it retries, so they are made alongside the Job at a lower priority: in a
-            # burst of new jobs, every Job is created before the next job's Role.
-            try:
-                await self._create_or_adopt(key, resources.service_account(job), uid)
-            except KubeError as error:
-                raise self._create_failed(key, error) from None
-            made, rbac = await asyncio.gather(
-                self._create_job(body, key, desired, uid),
-                self._ensure_role_and_binding(key, job, uid),
-                return_exceptions=True,
-            )
-            for outcome in (made, rbac):
-                if isinstance(outcome, BaseException):
-                    raise outcome
-            assert isinstance(made, dict)
-            return made
-        if key not in self._rbac_known:  # an operator killed between the Job and its RoleBinding left none
-            binding = resources.role_binding(job)["metadata"]["name"]
-            path = object_path("RoleBinding", namespace, binding)
-            if await self.kube.get(path, priority=Priority.CHANGE, order=self._order.get(key)) is None:
-                await self._ensure_role_and_binding(key, job, uid)
-            else:
-                self._rbac_known.add(key)
-        if current.get("deleting"):
-            raise Retry(f"waiting for the replaced Job {current['name']} to be deleted", 1, error=False)
-        if current.get("specHash") != desired["metadata"]["annotations"][resources.SPEC_HASH_ANNOTATION]:
-            await self._spec_drift(body, job, current)
-        await self._apply_to_job(body, job, current)
+        if deleting := next((j for j in owned if j.get("deleting")), None):
+            raise Retry(f"waiting for the replaced Job {deleting['name']} to be deleted", 1, error=False)
+        trainer = next((j for j in owned if j.get("role") == resources.TRAIN_ROLE), None)
+        preparation = next((j for j in owned if j.get("role") == resources.PREPARE_ROLE), None)
+        if trainer is None:
+            if not self.config.preparation.enabled:
+                return await self._create_first(body, key, job, desired, uid)
+            if preparation is None:
+                return await self._create_first(body, key, job, resources.preparation_job(job, self.config), uid)
+            await self._ensure_rbac(key, job, uid)
+            if preparation.get("specHash") != desired["metadata"]["annotations"][resources.SPEC_HASH_ANNOTATION]:
+                await self._spec_drift(body, job, preparation, owned)
+            if not _completed(preparation):
+                # Preparing (or failed: the status says so): only a suspension applies to a preparation Job.
+                await self._apply_to_job(body, job, preparation, run_policy=False)
+                self.problems.pop(key, None)
+                return preparation
+            # Prepared: the GPU Job, now (its first status goes out with it).
+            return await self._create_job(body, key, desired, uid)
+        await self._ensure_rbac(key, job, uid)
+        if trainer.get("specHash") != desired["metadata"]["annotations"][resources.SPEC_HASH_ANNOTATION]:
+            await self._spec_drift(body, job, trainer, owned)
+        await self._apply_to_job(body, job, trainer)
         self.problems.pop(key, None)
-        return current
+        return trainer
+
+    async def _create_first(
+        self, body: Mapping[str, Any], key: Key, job: KontextLoRAJob, manifest: dict, uid: str | None
+    ) -> dict:
+        """The job's first batch Job (the preparation Job, or the GPU Job without preparation) and its RBAC."""
+        # The pod needs its ServiceAccount when the job controller makes it, so that goes first. The Role and
+        # RoleBinding (the Role first: RBAC's escalation check resolves it) are only used once the pod reports
+        # progress, which it retries, so they are made alongside the Job at a lower priority: in a burst of new
+        # jobs, every Job is created before the next job's Role.
+        try:
+            await self._create_or_adopt(key, resources.service_account(job), uid)
+        except KubeError as error:
+            raise self._create_failed(key, error) from None
+        made, rbac = await asyncio.gather(
+            self._create_job(body, key, manifest, uid),
+            self._ensure_role_and_binding(key, job, uid),
+            return_exceptions=True,
+        )
+        for outcome in (made, rbac):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        assert isinstance(made, dict)
+        return made
+
+    async def _ensure_rbac(self, key: Key, job: KontextLoRAJob, uid: str | None) -> None:
+        if key in self._rbac_known:
+            return
+        # An operator killed between the first Job and its RoleBinding left none.
+        binding = resources.role_binding(job)["metadata"]["name"]
+        path = object_path("RoleBinding", key[0], binding)
+        if await self.kube.get(path, priority=Priority.CHANGE, order=self._order.get(key)) is None:
+            await self._ensure_role_and_binding(key, job, uid)
+        else:
+            self._rbac_known.add(key)
 
     async def _create_job(self, body: Mapping[str, Any], key: Key, desired: dict, uid: str | None) -> dict:
         """The batch Job (or the one an earlier run made), trimmed; the job's first status goes out with it."""
@@ -535,7 +575,15 @@ class Reconciler:
         if self.children is not None:
             self.children.jobs.put(current)  # before its watch event: the next sync already sees it
         self.problems.pop(key, None)
-        if created:  # not when an earlier run (before a restart) made it and this one adopted it
+        if created and current.get("role") == resources.PREPARE_ROLE:
+            await self.event(
+                body,
+                "Normal",
+                "PreparationCreated",
+                f"created the preparation Job {desired['metadata']['name']} (CPU only: storage, model access and "
+                "every pair are checked before a GPU is requested)",
+            )
+        elif created:  # not when an earlier run (before a restart) made it and this one adopted it
             await self.event(
                 body, "Normal", "JobCreated", f"created batch Job {desired['metadata']['name']} for the trainer"
             )
@@ -582,19 +630,20 @@ class Reconciler:
             raise Retry(message, 10)
         return existing, False
 
-    async def _spec_drift(self, body: Mapping[str, Any], job: KontextLoRAJob, current: dict) -> None:
-        """The spec changed after the Job was made: replace a Job that has not started, refuse the rest."""
+    async def _spec_drift(self, body: Mapping[str, Any], job: KontextLoRAJob, current: dict, owned: list[dict]) -> None:
+        """The spec changed after the Job was made: replace the Jobs of a job that has not started training (the
+        preparation too: it validated the old spec), refuse the rest."""
         key = (job.metadata.namespace, job.metadata.name)
         phase = (body.get("status") or {}).get("phase")
         if phase in REPLACEABLE_PHASES:
-            self.problems[key] = Problem(
-                "Recreating", f"the spec changed before training started: replacing Job {current['name']}"
-            )
-            await self.kube.delete(
-                object_path("Job", key[0], current["name"]), propagation="Foreground", uid=current["uid"]
-            )
-            await self.event(body, "Normal", "SpecChanged", f"replacing Job {current['name']} with the changed spec")
-            raise Retry(f"waiting for the replaced Job {current['name']} to be deleted", 1, error=False)
+            names = ", ".join(j["name"] for j in owned)
+            self.problems[key] = Problem("Recreating", f"the spec changed before training started: replacing {names}")
+            for stale in owned:
+                await self.kube.delete(
+                    object_path("Job", key[0], stale["name"]), propagation="Foreground", uid=stale["uid"]
+                )
+            await self.event(body, "Normal", "SpecChanged", f"replacing {names} with the changed spec")
+            raise Retry(f"waiting for the replaced {names} to be deleted", 1, error=False)
         generation = job.metadata.generation
         if self._warned.get(key) != generation:
             self._warned[key] = generation
@@ -606,8 +655,11 @@ class Reconciler:
                 "it started with (install the kontext-lora ValidatingAdmissionPolicy to refuse such changes)",
             )
 
-    async def _apply_to_job(self, body: Mapping[str, Any], job: KontextLoRAJob, current: dict) -> None:
-        """`spec.suspend` (when changed since last applied) and `runPolicy` (when different) to the live Job."""
+    async def _apply_to_job(
+        self, body: Mapping[str, Any], job: KontextLoRAJob, current: dict, run_policy: bool = True
+    ) -> None:
+        """`spec.suspend` (when changed since last applied) and `runPolicy` (when different; not to a preparation
+        Job, whose limits are the operator config's) to the live Job."""
         spec: dict[str, Any] = {}
         annotations: dict[str, str] = {}
         wanted = resources.suspend_value(job.spec.suspend)
@@ -619,11 +671,11 @@ class Reconciler:
         elif applied != wanted:
             spec["suspend"] = job.spec.suspend
             annotations[resources.SUSPEND_ANNOTATION] = wanted
-        run_policy = job.spec.run_policy
-        if current.get("backoffLimit") != run_policy.backoff_limit:
-            spec["backoffLimit"] = run_policy.backoff_limit
-        if current.get("activeDeadlineSeconds") != run_policy.active_deadline_seconds:
-            spec["activeDeadlineSeconds"] = run_policy.active_deadline_seconds
+        policy = job.spec.run_policy
+        if run_policy and current.get("backoffLimit") != policy.backoff_limit:
+            spec["backoffLimit"] = policy.backoff_limit
+        if run_policy and current.get("activeDeadlineSeconds") != policy.active_deadline_seconds:
+            spec["activeDeadlineSeconds"] = policy.active_deadline_seconds
         if not spec and not annotations:
             return
         patch: dict[str, Any] = {"spec": spec} if spec else {}

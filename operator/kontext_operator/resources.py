@@ -3,6 +3,11 @@
 Nothing here talks to the API server, so every manifest is unit-tested as data. Names are deterministic (an
 operator restart at any point finds the objects it already created instead of making second ones), and every
 object carries an owner reference to its KontextLoRAJob, so the garbage collector removes them with it.
+
+Two batch Jobs per KontextLoRAJob, one after the other, told apart by the `kontext-lora.io/role` label: the
+CPU-only preparation Job (`<job>-prepare`: storage, model access, the pairs validated, the model cache filled; no
+GPU requested, on the nodes the operator config names) and, once it completed, the GPU Job (`<job>-trainer`),
+whose pod starts from the preparation's manifest. Both run the trainer image under the job's ServiceAccount.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import hashlib
 import json
 from typing import Any
 
-from kontext_lora.api import API_VERSION, KIND, KontextLoRAJob, StorageSpec
+from kontext_lora.api import API_VERSION, KIND, KontextLoRAJob, SecretKeySelector, StorageSpec
 from kontext_lora.api.operator_config import OperatorConfig
 
 from .rbac import trainer_rules
@@ -24,6 +29,11 @@ TRAINER_APP = "kontext-lora-trainer"
 MANAGED_BY = "kontext-lora-operator"
 # Server-side label selector of the operator's Job and Pod watches: only what it created.
 CHILD_SELECTOR = f"{MANAGED_BY_LABEL}={MANAGED_BY},{JOB_LABEL}"
+# Which of a job's two batch Jobs (and pods) an object is. Objects made before the preparation Job existed carry
+# no role label: they are the training Job.
+ROLE_LABEL = "kontext-lora.io/role"
+PREPARE_ROLE, TRAIN_ROLE = "prepare", "train"
+PREPARATION_APP = "kontext-lora-preparation"
 
 # The part of the spec a created Job embodies (its pod template is immutable); see `template_hash`.
 SPEC_HASH_ANNOTATION = "kontext-lora.io/spec-hash"
@@ -37,6 +47,9 @@ KUEUE_LABELS = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
 
 CONTAINER = "trainer"
 TRAINER_COMMAND = ["kontext-lora", "train", "--from-env"]
+PREPARE_COMMAND = ["kontext-lora", "prepare", "--from-env"]
+# A preparation pod stops at once on SIGTERM (nothing to save): Kubernetes' default grace period is plenty.
+PREPARATION_GRACE_SECONDS = 30
 WORK_DIR = "/work"
 CACHE_DIR = "/cache"
 HF_HOME = f"{CACHE_DIR}/huggingface"
@@ -46,6 +59,7 @@ TRAINER_UID = 10001
 # Exit codes the trainer uses for failures that a retry cannot fix (docs/architecture.md, "Exit codes").
 EXIT_INVALID_INPUT = 2
 EXIT_STORAGE_UNREACHABLE = 3
+EXIT_MODEL_ACCESS_DENIED = 4
 MAX_NAME = 63
 
 
@@ -70,14 +84,19 @@ def owner_reference(job: KontextLoRAJob) -> dict[str, Any]:
     }
 
 
-def child_labels(job: KontextLoRAJob) -> dict[str, str]:
-    return {
-        NAME_LABEL: TRAINER_APP,
+def child_labels(job: KontextLoRAJob, role: str | None = None) -> dict[str, str]:
+    """Labels of the job's objects; with a `role`, of one of its batch Jobs and its pods."""
+    preparing = role == PREPARE_ROLE
+    labels = {
+        NAME_LABEL: PREPARATION_APP if preparing else TRAINER_APP,
         "app.kubernetes.io/instance": job.metadata.name,
-        "app.kubernetes.io/component": "trainer",
+        "app.kubernetes.io/component": "preparation" if preparing else "trainer",
         MANAGED_BY_LABEL: MANAGED_BY,
         JOB_LABEL: job.metadata.name,
     }
+    if role is not None:
+        labels[ROLE_LABEL] = role
+    return labels
 
 
 def _metadata(job: KontextLoRAJob, name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
@@ -149,12 +168,24 @@ def job_document(job: KontextLoRAJob, config: OperatorConfig) -> dict[str, Any]:
     }
 
 
-def trainer_env(job: KontextLoRAJob, config: OperatorConfig) -> list[dict[str, Any]]:
+def hub_token_secret(job: KontextLoRAJob, config: OperatorConfig) -> SecretKeySelector | None:
+    """The Secret with the hub token the pods get: the job's `spec.model.tokenSecret`, else the operator's default;
+    none for a model that does not come from the hub."""
+    if not is_hub_model(job.spec.model.base):
+        return None
+    return job.spec.model.token_secret or config.hub.token_secret
+
+
+def is_hub_model(base: str) -> bool:
+    return not base.startswith(("s3://", "file://", "/"))
+
+
+def _common_env(job: KontextLoRAJob, config: OperatorConfig) -> list[dict[str, Any]]:
+    """What both pods of a job get: the job, folders, status reporting, storage and hub access."""
     storage = effective_storage(job, config)
     env: list[dict[str, Any]] = [
         {"name": "KONTEXT_LORA_JOB", "value": json.dumps(job_document(job, config), separators=(",", ":"))},
         {"name": "KONTEXT_LORA_WORK_DIR", "value": WORK_DIR},
-        {"name": "KONTEXT_LORA_METRICS_PORT", "value": str(config.trainer.metrics_port)},
         {"name": "KONTEXT_LORA_REPORT_STATUS", "value": "true"},
         {"name": "KONTEXT_LORA_POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "HF_HOME", "value": HF_HOME},
@@ -171,6 +202,27 @@ def trainer_env(job: KontextLoRAJob, config: OperatorConfig) -> list[dict[str, A
             ("AWS_SECRET_ACCESS_KEY", storage.secret_access_key_key),
         ):
             env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": storage.credentials_secret, "key": key}}})
+    if is_hub_model(job.spec.model.base) and config.hub.endpoint:
+        env.append({"name": "HF_ENDPOINT", "value": config.hub.endpoint})
+    if token := hub_token_secret(job, config):
+        # By reference only: the operator never reads the token, and it is in no object but the Secret.
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
+    return env
+
+
+def trainer_env(job: KontextLoRAJob, config: OperatorConfig) -> list[dict[str, Any]]:
+    env = _common_env(job, config)
+    env.insert(2, {"name": "KONTEXT_LORA_METRICS_PORT", "value": str(config.trainer.metrics_port)})
+    if config.preparation.enabled:
+        # The preparation Job ran first: start from its manifest (<output.uri>preparation.json).
+        env.append({"name": "KONTEXT_LORA_PREPARED", "value": "true"})
+    return env
+
+
+def preparation_env(job: KontextLoRAJob, config: OperatorConfig) -> list[dict[str, Any]]:
+    env = _common_env(job, config)
+    if job.spec.resources.model_cache_claim:
+        env.append({"name": "KONTEXT_LORA_FILL_MODEL_CACHE", "value": "true"})
     return env
 
 
@@ -188,13 +240,14 @@ def suspend_value(suspend: bool) -> str:
 def pod_failure_policy() -> dict[str, Any]:
     return {
         "rules": [
-            # Bad input or unreachable storage: a retry would fail the same way, so fail the Job at once.
+            # Bad input, unreachable storage, a model the hub refuses: a retry would fail the same way, so fail the
+            # Job at once.
             {
                 "action": "FailJob",
                 "onExitCodes": {
                     "containerName": CONTAINER,
                     "operator": "In",
-                    "values": [EXIT_INVALID_INPUT, EXIT_STORAGE_UNREACHABLE],
+                    "values": [EXIT_INVALID_INPUT, EXIT_STORAGE_UNREACHABLE, EXIT_MODEL_ACCESS_DENIED],
                 },
             },
             # Preemption, eviction, node drain: retry without spending the backoff budget.
@@ -203,35 +256,20 @@ def pod_failure_policy() -> dict[str, Any]:
     }
 
 
-def batch_job(job: KontextLoRAJob, config: OperatorConfig) -> dict[str, Any]:
-    """The batch/v1 Job that runs the trainer on a GPU node of the job's class."""
-    spec = job.spec
-    placement = config.gpu_classes[spec.resources.gpu]
-    name = child_name(job.metadata.name)
-    labels = child_labels(job)
-    job_labels = {**labels, **{k: v for k, v in job.metadata.labels.items() if k in KUEUE_LABELS}}
-    gpus = str(spec.resources.count)
-    cache_volume: dict[str, Any] = (
-        {"name": "cache", "persistentVolumeClaim": {"claimName": spec.resources.model_cache_claim}}
-        if spec.resources.model_cache_claim
-        else {"name": "cache", "emptyDir": {}}
-    )
-    container: dict[str, Any] = {
-        "name": CONTAINER,
-        "image": config.trainer.image,
-        "imagePullPolicy": config.trainer.image_pull_policy,
-        "command": list(TRAINER_COMMAND),
-        "env": trainer_env(job, config),
-        "ports": [{"name": "metrics", "containerPort": config.trainer.metrics_port, "protocol": "TCP"}],
-        "resources": {
-            "requests": {"cpu": spec.resources.cpu, "memory": spec.resources.memory, placement.resource_name: gpus},
-            "limits": {"memory": spec.resources.memory, placement.resource_name: gpus},
-        },
+def _container(
+    name: str, image_config, command: list[str], env: list[dict[str, Any]], resources: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "image": image_config.image,
+        "imagePullPolicy": image_config.image_pull_policy,
+        "command": list(command),
+        "env": env,
+        "resources": resources,
         "volumeMounts": [
             {"name": "work", "mountPath": WORK_DIR},
             {"name": "cache", "mountPath": CACHE_DIR},
             {"name": "tmp", "mountPath": "/tmp"},
-            {"name": "dshm", "mountPath": "/dev/shm"},
         ],
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
@@ -242,9 +280,18 @@ def batch_job(job: KontextLoRAJob, config: OperatorConfig) -> dict[str, Any]:
             "capabilities": {"drop": ["ALL"]},
         },
     }
+
+
+def _pod_spec(job: KontextLoRAJob, config: OperatorConfig, container: dict[str, Any], work_limit: str) -> dict:
+    """What both pods share: the job's identity, non-root and locked down, the work, cache and tmp volumes."""
+    cache_volume: dict[str, Any] = (
+        {"name": "cache", "persistentVolumeClaim": {"claimName": job.spec.resources.model_cache_claim}}
+        if job.spec.resources.model_cache_claim
+        else {"name": "cache", "emptyDir": {}}
+    )
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "serviceAccountName": name,
+        "serviceAccountName": child_name(job.metadata.name),
         "automountServiceAccountToken": True,
         "enableServiceLinks": False,
         "securityContext": {
@@ -254,50 +301,124 @@ def batch_job(job: KontextLoRAJob, config: OperatorConfig) -> dict[str, Any]:
             "fsGroup": TRAINER_UID,
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "affinity": {
-            "nodeAffinity": {
-                "requiredDuringSchedulingIgnoredDuringExecution": {
-                    "nodeSelectorTerms": [{"matchExpressions": [m.to_wire() for m in placement.match_expressions]}]
-                }
-            }
-        },
-        "tolerations": [t.to_wire() for t in placement.tolerations],
-        # On SIGTERM the trainer finishes its step and saves a checkpoint; this is the time it gets to upload it.
-        "terminationGracePeriodSeconds": config.trainer.termination_grace_period_seconds,
         "containers": [container],
         "volumes": [
-            {"name": "work", "emptyDir": {"sizeLimit": config.trainer.work_dir_size_limit}},
+            {"name": "work", "emptyDir": {"sizeLimit": work_limit}},
             cache_volume,
             {"name": "tmp", "emptyDir": {}},
-            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},
         ],
     }
     if config.trainer.image_pull_secrets:
         pod_spec["imagePullSecrets"] = [{"name": secret} for secret in config.trainer.image_pull_secrets]
-    if config.trainer.priority_class_name:
-        pod_spec["priorityClassName"] = config.trainer.priority_class_name
-    run_policy = spec.run_policy
+    return pod_spec
+
+
+def _job(
+    job: KontextLoRAJob,
+    name: str,
+    labels: dict[str, str],
+    pod_labels: dict[str, str],
+    pod_annotations: dict[str, str],
+    pod_spec: dict[str, Any],
+    backoff_limit: int,
+    active_deadline_seconds: int | None,
+) -> dict[str, Any]:
     job_spec: dict[str, Any] = {
-        "backoffLimit": run_policy.backoff_limit,
+        "backoffLimit": backoff_limit,
         "completions": 1,
         "parallelism": 1,
-        "suspend": spec.suspend,
+        "suspend": job.spec.suspend,
         "podFailurePolicy": pod_failure_policy(),
-        # Never two trainers at once on the same checkpoints: a replacement starts once the old pod is gone.
+        # Never two pods at once on the same outputs: a replacement starts once the old pod is gone.
         "podReplacementPolicy": "Failed",
-        "template": {
-            "metadata": {
-                "labels": {**config.trainer.labels, **labels},
-                "annotations": dict(config.trainer.annotations),
-            },
-            "spec": pod_spec,
-        },
+        "template": {"metadata": {"labels": pod_labels, "annotations": pod_annotations}, "spec": pod_spec},
     }
-    if run_policy.active_deadline_seconds is not None:
-        job_spec["activeDeadlineSeconds"] = run_policy.active_deadline_seconds
-    metadata = _metadata(job, name, job_labels)
+    if active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = active_deadline_seconds
+    metadata = _metadata(job, name, labels)
     metadata["annotations"] = {
         SPEC_HASH_ANNOTATION: template_hash(job),
-        SUSPEND_ANNOTATION: suspend_value(spec.suspend),
+        SUSPEND_ANNOTATION: suspend_value(job.spec.suspend),
     }
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
+
+
+def batch_job(job: KontextLoRAJob, config: OperatorConfig) -> dict[str, Any]:
+    """The batch/v1 Job that runs the trainer on a GPU node of the job's class."""
+    spec = job.spec
+    placement = config.gpu_classes[spec.resources.gpu]
+    labels = child_labels(job, TRAIN_ROLE)
+    job_labels = {**labels, **{k: v for k, v in job.metadata.labels.items() if k in KUEUE_LABELS}}
+    gpus = str(spec.resources.count)
+    container = _container(
+        CONTAINER,
+        config.trainer,
+        TRAINER_COMMAND,
+        trainer_env(job, config),
+        {
+            "requests": {"cpu": spec.resources.cpu, "memory": spec.resources.memory, placement.resource_name: gpus},
+            "limits": {"memory": spec.resources.memory, placement.resource_name: gpus},
+        },
+    )
+    container["ports"] = [{"name": "metrics", "containerPort": config.trainer.metrics_port, "protocol": "TCP"}]
+    container["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
+    pod_spec = _pod_spec(job, config, container, config.trainer.work_dir_size_limit)
+    pod_spec["volumes"].append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}})
+    pod_spec["affinity"] = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [m.to_wire() for m in placement.match_expressions]}]
+            }
+        }
+    }
+    pod_spec["tolerations"] = [t.to_wire() for t in placement.tolerations]
+    # On SIGTERM the trainer finishes its step and saves a checkpoint; this is the time it gets to upload it.
+    pod_spec["terminationGracePeriodSeconds"] = config.trainer.termination_grace_period_seconds
+    if config.trainer.priority_class_name:
+        pod_spec["priorityClassName"] = config.trainer.priority_class_name
+    return _job(
+        job,
+        child_name(job.metadata.name),
+        job_labels,
+        {**config.trainer.labels, **labels},
+        dict(config.trainer.annotations),
+        pod_spec,
+        spec.run_policy.backoff_limit,
+        spec.run_policy.active_deadline_seconds,
+    )
+
+
+def preparation_job(job: KontextLoRAJob, config: OperatorConfig) -> dict[str, Any]:
+    """The CPU-only batch/v1 Job that prepares the job's inputs before any GPU is requested (no GPU resource, no
+    GPU toleration; the operator config's node selector, tolerations and affinity). Not in the job's Kueue queue:
+    the queue admits the GPU Job, which is only made once the preparation succeeded."""
+    prep = config.preparation
+    labels = child_labels(job, PREPARE_ROLE)
+    container = _container(
+        CONTAINER,
+        config.trainer,
+        PREPARE_COMMAND,
+        preparation_env(job, config),
+        {"requests": {"cpu": prep.cpu, "memory": prep.memory}, "limits": {"memory": prep.memory}},
+    )
+    pod_spec = _pod_spec(job, config, container, prep.work_dir_size_limit)
+    if prep.node_selector:
+        pod_spec["nodeSelector"] = dict(prep.node_selector)
+    if prep.tolerations:
+        pod_spec["tolerations"] = [t.to_wire() for t in prep.tolerations]
+    if prep.affinity:
+        pod_spec["affinity"] = prep.affinity
+    pod_spec["terminationGracePeriodSeconds"] = PREPARATION_GRACE_SECONDS
+    deadline = prep.active_deadline_seconds
+    if job.spec.run_policy.active_deadline_seconds is not None:
+        deadline = min(deadline, job.spec.run_policy.active_deadline_seconds)
+    return _job(
+        job,
+        child_name(job.metadata.name, "prepare"),
+        labels,
+        {**prep.labels, **labels},
+        dict(prep.annotations),
+        pod_spec,
+        prep.backoff_limit,
+        deadline,
+    )

@@ -8,7 +8,7 @@ keys (`stage`, `step`, `loss`, ...), which are only read here (docs/architecture
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,10 +17,13 @@ from kontext_lora.api import ConditionType, Phase, Stage
 from .resources import (
     CONTAINER,
     EXIT_INVALID_INPUT,
+    EXIT_MODEL_ACCESS_DENIED,
     EXIT_STORAGE_UNREACHABLE,
     JOB_LABEL,
+    ROLE_LABEL,
     SPEC_HASH_ANNOTATION,
     SUSPEND_ANNOTATION,
+    TRAIN_ROLE,
 )
 from .timestamps import parse_time
 
@@ -39,7 +42,11 @@ RUNNING_PHASES = (Phase.Downloading, Phase.Training, Phase.Uploading)
 MAX_MESSAGE = 8192
 MAX_CONDITION_MESSAGE = 4096
 JOB_UID_LABEL = "batch.kubernetes.io/controller-uid"
-EXIT_CODE_REASONS = {EXIT_INVALID_INPUT: "InvalidInput", EXIT_STORAGE_UNREACHABLE: "StorageUnreachable"}
+EXIT_CODE_REASONS = {
+    EXIT_INVALID_INPUT: "InvalidInput",
+    EXIT_STORAGE_UNREACHABLE: "StorageUnreachable",
+    EXIT_MODEL_ACCESS_DENIED: "ModelAccessDenied",
+}
 # The only Job and pod conditions `observe` reads; the rest is not kept in memory.
 JOB_CONDITIONS = ("Complete", "SuccessCriteriaMet", "Failed", "FailureTarget", "Suspended")
 POD_CONDITIONS = ("PodScheduled", "DisruptionTarget")
@@ -55,6 +62,7 @@ def trim_job(body: dict[str, Any]) -> dict[str, Any]:
     trimmed = {
         "namespace": metadata.get("namespace"),
         "job": (metadata.get("labels") or {}).get(JOB_LABEL),
+        "role": (metadata.get("labels") or {}).get(ROLE_LABEL, TRAIN_ROLE),
         "name": metadata.get("name"),
         "uid": metadata.get("uid"),
         "owners": [ref.get("uid") for ref in metadata.get("ownerReferences") or []],
@@ -90,6 +98,7 @@ def trim_pod(body: dict[str, Any]) -> dict[str, Any]:
         "name": metadata.get("name"),
         "uid": metadata.get("uid"),
         "jobUid": labels.get(JOB_UID_LABEL),
+        "role": labels.get(ROLE_LABEL, TRAIN_ROLE),
         "created": metadata.get("creationTimestamp"),
         "deleting": bool(metadata.get("deletionTimestamp")),
         "nodeName": spec.get("nodeName"),
@@ -133,6 +142,9 @@ class Observation:
     start_time: str | None = None
     completion_time: str | None = None
     job_exists: bool = False
+    prepared: bool | None = None
+    """The preparation's verdict when this observation saw it end (True: done, False: failed), else None."""
+    prepared_message: str = ""
 
 
 def _condition(conditions: list[dict] | None, kind: str) -> dict | None:
@@ -159,6 +171,7 @@ def describe_failure(pod: dict) -> tuple[int | None, str]:
     meaning = {
         EXIT_INVALID_INPUT: "invalid input",
         EXIT_STORAGE_UNREACHABLE: "storage unreachable",
+        EXIT_MODEL_ACCESS_DENIED: "model access denied",
         137: "killed",
         143: "terminated",
     }.get(code, terminated.get("reason") or "error")
@@ -185,6 +198,7 @@ def _running_phase(status: dict, pod: dict) -> Phase:
     if stage and reported and started and reported < started:
         stage = None
     return {
+        Stage.Preparing: Phase.Preparing,
         Stage.Downloading: Phase.Downloading,
         Stage.Training: Phase.Training,
         Stage.Uploading: Phase.Uploading,
@@ -199,8 +213,48 @@ def observe(
     *,
     suspend: bool,
     active_deadline_seconds: int | None = None,
+    preparation: dict | None = None,
+    preparation_pods: list[dict] = (),  # type: ignore[assignment]
 ) -> Observation:
-    """Where the job stands, from its batch Job (None: not created yet or gone), its pods and the current status."""
+    """Where the job stands, from its batch Job (None: not created yet or gone), its pods, its preparation Job and
+    pods (what the phase follows while there is no batch Job: before the GPU is requested) and the current status."""
+    observation = _observe(
+        job,
+        pods,
+        status,
+        suspend=suspend,
+        active_deadline_seconds=active_deadline_seconds,
+        preparation=preparation,
+        preparation_pods=preparation_pods,
+    )
+    if job is not None and preparation is not None and _prepared(preparation):
+        # The GPU Job is made in the same reconcile that sees the preparation complete: say so here too.
+        observation = replace(observation, prepared=True, prepared_message=_prepared_message(preparation, status))
+    return observation
+
+
+def _prepared(job: dict) -> bool:
+    conditions = (job.get("status") or {}).get("conditions")
+    return bool(_condition(conditions, "Complete") or _condition(conditions, "SuccessCriteriaMet"))
+
+
+def _prepared_message(job: dict, status: dict) -> str:
+    pairs = status.get("datasetPairs")
+    found = f"{pairs} pairs validated" if pairs is not None else "inputs checked"
+    manifest = (status.get("preparation") or {}).get("manifestUri") or "written"
+    return f"{found} by {job['name']}; manifest {manifest}"
+
+
+def _observe(
+    job: dict | None,
+    pods: list[dict],
+    status: dict,
+    *,
+    suspend: bool,
+    active_deadline_seconds: int | None,
+    preparation: dict | None,
+    preparation_pods: list[dict],
+) -> Observation:
     restarts = int(status.get("restarts") or 0)
     if job is None:
         phase = status.get("phase")
@@ -223,6 +277,8 @@ def observe(
                 restarts=restarts,
                 start_time=status.get("startTime"),
             )
+        if preparation is not None:
+            return _observe_preparation(preparation, list(preparation_pods), status, suspend=suspend)
         return Observation(Phase.Pending, "Creating", "creating the trainer Job", restarts=restarts)
 
     job_status = job.get("status") or {}
@@ -250,19 +306,7 @@ def observe(
         )
 
     if failure := (_condition(conditions, "Failed") or _condition(conditions, "FailureTarget")):
-        reason = failure.get("reason") or "Failed"
-        code, account = describe_failure(last_failure) if last_failure else (None, "")
-        if reason == "DeadlineExceeded":
-            limit = job.get("activeDeadlineSeconds") or active_deadline_seconds
-            message = f"the job ran longer than runPolicy.activeDeadlineSeconds ({limit}s) and was stopped"
-        elif reason == "PodFailurePolicy":
-            reason = EXIT_CODE_REASONS.get(code, reason)
-            message = f"{account}; not retried (a retry cannot fix this)" if account else failure.get("message", "")
-        elif reason == "BackoffLimitExceeded":
-            message = f"failed {failed_pods} times (runPolicy.backoffLimit is {job.get('backoffLimit')})"
-            message += f"; last failure: {account}" if account else ""
-        else:
-            message = account or failure.get("message") or reason
+        reason, message = _failure(job, failure, last_failure, failed_pods, active_deadline_seconds)
         return Observation(
             Phase.Failed,
             reason,
@@ -274,23 +318,14 @@ def observe(
         )
 
     if job.get("suspend") or _condition(conditions, "Suspended"):
-        if suspend:
-            message = "suspended (spec.suspend is true): clear it to resume from the last checkpoint"
-            reason = "Suspended"
-        else:
-            message = (
-                "the batch Job was suspended by another controller (e.g. Kueue waiting for quota or preempting): "
-                + ((_condition(conditions, "Suspended") or {}).get("message") or "waiting to be resumed")
-            )
-            reason = "SuspendedByQueue"
+        reason, message = _suspension(conditions, suspend)
         return Observation(Phase.Suspended, reason, message, restarts=max(restarts, failed_pods))
 
     restarts = max(restarts, failed_pods)
     restarting = None
     if failed_pods and last_failure:
         restarting = f"restart {failed_pods} of {job.get('backoffLimit')} after: {describe_failure(last_failure)[1]}"
-    live = [p for p in _by_creation(pods) if p.get("phase") not in ("Succeeded", "Failed") and not p.get("deleting")]
-    current = live[-1] if live else None
+    current = _current(pods)
     if current and current.get("phase") == "Running":
         return Observation(
             _running_phase(status, current),
@@ -301,18 +336,7 @@ def observe(
             job_exists=True,
         )
     if current:
-        scheduled = next((c for c in current.get("conditions") or [] if c.get("type") == "PodScheduled"), None)
-        waiting = (current.get("state") or {}).get("waiting") or {}
-        if scheduled and scheduled.get("status") == "False":
-            reason = scheduled.get("reason") or "Unschedulable"
-            message = f"waiting for a GPU node: {scheduled.get('message') or reason}"
-        elif waiting.get("reason"):
-            reason = waiting["reason"]
-            message = f"trainer pod {current['name']} is waiting: {waiting.get('message') or reason}"
-        elif current.get("nodeName"):
-            reason, message = "Starting", f"trainer pod {current['name']} is starting on node {current['nodeName']}"
-        else:
-            reason, message = "Scheduling", f"trainer pod {current['name']} is waiting to be scheduled"
+        reason, message = _waiting(current, "trainer pod", "a GPU node")
         return Observation(Phase.Pending, reason, message, restarting, restarts, start_time, job_exists=True)
     if any(p.get("phase") == "Succeeded" for p in pods):  # the job controller has not marked the Job complete yet
         phase = status.get("phase")
@@ -335,6 +359,122 @@ def observe(
         start_time,
         job_exists=True,
     )
+
+
+def _observe_preparation(job: dict, pods: list[dict], status: dict, *, suspend: bool) -> Observation:
+    """Before the GPU Job: the preparation Job's state. Its failure fails the job; its success lets the operator
+    create the GPU Job (`prepared`); while it runs the phase is Preparing, with what the pod reports."""
+    restarts = int(status.get("restarts") or 0)
+    job_status = job.get("status") or {}
+    conditions = job_status.get("conditions")
+    failed_pods = int(job_status.get("failed") or 0)
+    start_time = status.get("startTime") or job_status.get("startTime")
+    last_failure = _last_failed(pods)
+    report = status.get("preparation") or {}
+
+    if _prepared(job):
+        return Observation(
+            Phase.Pending,
+            "Creating",
+            "preparation done; creating the trainer Job",
+            restarts=restarts,
+            start_time=start_time,
+            prepared=True,
+            prepared_message=_prepared_message(job, status),
+        )
+    if failure := (_condition(conditions, "Failed") or _condition(conditions, "FailureTarget")):
+        reason, message = _failure(job, failure, last_failure, failed_pods, job.get("activeDeadlineSeconds"))
+        message = f"preparation failed, no GPU was requested: {message}"
+        return Observation(
+            Phase.Failed,
+            reason,
+            message,
+            restarts=restarts,
+            start_time=start_time,
+            completion_time=failure.get("lastTransitionTime"),
+            prepared=False,
+            prepared_message=message,
+        )
+    if job.get("suspend") or _condition(conditions, "Suspended"):
+        reason, message = _suspension(conditions, suspend)
+        return Observation(Phase.Suspended, reason, message, restarts=restarts)
+
+    retried = ""
+    if failed_pods and last_failure:
+        retried = f" (retry {failed_pods} of {job.get('backoffLimit')} after: {describe_failure(last_failure)[1]})"
+    current = _current(pods)
+    if current and current.get("phase") == "Running":
+        reported = parse_time(status.get("lastProgressTime"))
+        started = parse_time(((current.get("state") or {}).get("running") or {}).get("startedAt"))
+        task = report.get("task") if reported and started and reported >= started else None
+        doing = "starting"
+        if task:
+            doing = task + (f" ({report['done']}/{report['total']})" if report.get("total") else "")
+        return Observation(
+            Phase.Preparing,
+            "Preparing",
+            f"preparation pod {current['name']} on node {current.get('nodeName')}: {doing}{retried}",
+            restarts=restarts,
+            start_time=start_time,
+        )
+    if current:
+        reason, message = _waiting(current, "preparation pod", "a node for the preparation pod")
+        return Observation(Phase.Pending, reason, message + retried, restarts=restarts, start_time=start_time)
+    return Observation(
+        Phase.Pending,
+        "WaitingForPod",
+        f"waiting for the Job controller to create the preparation pod{retried}",
+        restarts=restarts,
+        start_time=start_time,
+    )
+
+
+def _current(pods: list[dict]) -> dict | None:
+    live = [p for p in _by_creation(pods) if p.get("phase") not in ("Succeeded", "Failed") and not p.get("deleting")]
+    return live[-1] if live else None
+
+
+def _failure(
+    job: dict, failure: dict, last_failure: dict | None, failed_pods: int, active_deadline_seconds: int | None
+) -> tuple[str, str]:
+    """(reason, message) of a failed batch Job."""
+    reason = failure.get("reason") or "Failed"
+    code, account = describe_failure(last_failure) if last_failure else (None, "")
+    if reason == "DeadlineExceeded":
+        limit = job.get("activeDeadlineSeconds") or active_deadline_seconds
+        message = f"the job ran longer than runPolicy.activeDeadlineSeconds ({limit}s) and was stopped"
+    elif reason == "PodFailurePolicy":
+        reason = EXIT_CODE_REASONS.get(code, reason)
+        message = f"{account}; not retried (a retry cannot fix this)" if account else failure.get("message", "")
+    elif reason == "BackoffLimitExceeded":
+        message = f"failed {failed_pods} times (runPolicy.backoffLimit is {job.get('backoffLimit')})"
+        message += f"; last failure: {account}" if account else ""
+    else:
+        message = account or failure.get("message") or reason
+    return reason, message
+
+
+def _suspension(conditions: list[dict] | None, suspend: bool) -> tuple[str, str]:
+    if suspend:
+        return "Suspended", "suspended (spec.suspend is true): clear it to resume from the last checkpoint"
+    return "SuspendedByQueue", (
+        "the batch Job was suspended by another controller (e.g. Kueue waiting for quota or preempting): "
+        + ((_condition(conditions, "Suspended") or {}).get("message") or "waiting to be resumed")
+    )
+
+
+def _waiting(current: dict, what: str, node: str) -> tuple[str, str]:
+    """(reason, message) of a pod that is not running yet."""
+    scheduled = next((c for c in current.get("conditions") or [] if c.get("type") == "PodScheduled"), None)
+    waiting = (current.get("state") or {}).get("waiting") or {}
+    if scheduled and scheduled.get("status") == "False":
+        reason = scheduled.get("reason") or "Unschedulable"
+        return reason, f"waiting for {node}: {scheduled.get('message') or reason}"
+    if waiting.get("reason"):
+        return waiting["reason"], f"{what} {current['name']} is waiting: {waiting.get('message') or waiting['reason']}"
+    if current.get("nodeName"):
+        return "Starting", f"{what} {current['name']} is starting on node {current['nodeName']}"
+    return "Scheduling", f"{what} {current['name']} is waiting to be scheduled"
 
 
 def invalid_spec(errors: list[str], status: dict) -> Observation:
@@ -390,6 +530,10 @@ def desired_status(
     now = now or now_iso()
     obs = observation
     conditions = Conditions([dict(c) for c in current.get("conditions") or []], now)
+    if obs.prepared is not None:
+        conditions.set(
+            ConditionType.Prepared, obs.prepared, "Prepared" if obs.prepared else obs.reason, obs.prepared_message
+        )
     if obs.job_exists:
         conditions.set(ConditionType.Created, True, "JobCreated", f"batch Job {job_name} runs the trainer")
     elif obs.reason == "JobMissing":
@@ -474,6 +618,12 @@ def transitions(current: dict, desired: dict) -> list[Transition]:
         event_reason = reason if specific else str(new_phase)
         headline = f"{old_phase or 'New'} -> {new_phase}" if phase_changed else str(new_phase)
         events.append(Transition("Warning" if warning else "Normal", event_reason, f"{headline}: {message}"))
+    if _condition(desired.get("conditions"), ConditionType.Prepared) and not _condition(
+        current.get("conditions"), ConditionType.Prepared
+    ):
+        noticed = [w for w in (current.get("preparation") or {}).get("warnings") or [] if w]
+        if noticed:  # e.g. stray files ignored: worth a look, not a failure
+            events.append(Transition("Warning", "PreparationWarnings", "; ".join(noticed)))
     old_restarts, new_restarts = int(current.get("restarts") or 0), int(desired.get("restarts") or 0)
     if new_restarts > old_restarts and new_phase != Phase.Failed:
         restarting = next((c for c in desired.get("conditions", []) if c.get("type") == ConditionType.Restarting), {})

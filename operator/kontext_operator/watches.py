@@ -10,7 +10,8 @@ tells the reconciler which job changed (only when a kept field changed).
 Correctness of each watch: an initial LIST (paginated) whose result replaces what the store held for that scope
 (so a relist also drops objects deleted meanwhile), then WATCH from the list's resourceVersion with bookmarks;
 each event moves the resourceVersion on; `410 Gone` (too old) relists; any other failure reconnects with
-exponential backoff and jitter (0.5 s .. 30 s). The server ends a watch after `SERVER_TIMEOUT` seconds and it is
+exponential backoff and jitter (0.5 s .. 5 s: after an apiserver outage the watches resume within seconds of its
+return). The server ends a watch after `SERVER_TIMEOUT` seconds and it is
 resumed from the last resourceVersion. `ready(namespace)` is set once the first LIST of that scope is in, and
 the reconciler waits for it before deriving a status, so a restarted operator never mistakes "not listed yet"
 for "missing".
@@ -32,7 +33,7 @@ Trimmed = dict[str, Any]
 
 SERVER_TIMEOUT = 300  # seconds a watch request lasts before the server ends it (then it is resumed)
 PAGE_SIZE = 100  # objects per LIST page: bounds the memory a relist of a large cluster parses at once
-BACKOFF_FIRST, BACKOFF_MAX = 0.5, 30.0
+BACKOFF_FIRST, BACKOFF_MAX = 0.5, 5.0
 
 logger = logging.getLogger("kontext_operator")
 

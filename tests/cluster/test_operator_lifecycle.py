@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.conftest import Cluster
-from tests.infra.klj import Kljs, job_manifest
+from tests.infra.klj import PREPARE, Kljs, job_manifest
 from tests.infra.minio import MinioServer
 from tests.infra.operator_process import wait_for
 
@@ -54,19 +54,22 @@ def test_suspend_stops_the_trainer_and_resume_starts_it_again(kljs: Kljs, operat
 
 
 def test_kueue_style_admission_and_preemption(crd: Cluster, kljs: Kljs, operator) -> None:
-    # Kueue-aware tooling creates the job suspended and in a queue; admission clears suspend.
+    # Kueue-aware tooling creates the job suspended and in a queue; admission clears suspend. Nothing runs meanwhile,
+    # not even the preparation.
     manifest = job_manifest("queued", suspend=True)
     manifest["metadata"]["labels"] = {QUEUE_LABEL: "gpu-queue", "team": "vision"}
     kljs.apply(manifest)
-    job = wait_for(lambda: kljs.jobs("queued"), what="batch Job")[0]
-    assert job["spec"]["suspend"] is True
-    assert job["metadata"]["labels"][QUEUE_LABEL] == "gpu-queue", "Kueue manages the batch Job that holds the GPU"
-    assert "team" not in job["metadata"]["labels"]
+    preparation = wait_for(lambda: kljs.jobs("queued", role=PREPARE), what="preparation Job")[0]
+    assert preparation["spec"]["suspend"] is True
+    assert QUEUE_LABEL not in preparation["metadata"]["labels"], "the queue admits the Job that holds the GPU"
     kljs.wait_phase("queued", "Suspended")
     time.sleep(1)
-    assert kljs.pods("queued") == []
+    assert kljs.pods("queued", role=PREPARE) == [] and kljs.jobs("queued") == []
 
     kljs.patch_spec("queued", {"suspend": False})
+    job = wait_for(lambda: kljs.jobs("queued"), what="the GPU Job, once the preparation succeeded")[0]
+    assert job["metadata"]["labels"][QUEUE_LABEL] == "gpu-queue", "Kueue manages the batch Job that holds the GPU"
+    assert "team" not in job["metadata"]["labels"]
     kljs.running_pod("queued")
     kljs.wait_phase("queued", "Downloading")
 
@@ -111,20 +114,38 @@ def test_spec_changes_are_refused_once_training_started(crd: Cluster, kljs: Kljs
 
 def test_spec_change_before_training_replaces_the_job(kljs: Kljs, operator) -> None:
     kljs.apply(job_manifest("draft", suspend=True))
-    old = wait_for(lambda: kljs.jobs("draft"), what="batch Job")[0]
+    old = wait_for(lambda: kljs.jobs("draft", role=PREPARE), what="preparation Job")[0]
     kljs.wait_phase("draft", "Suspended")
     kljs.patch_spec("draft", {"lora": {"rank": 32}})
 
     def replaced() -> dict | None:
-        jobs = [j for j in kljs.jobs("draft") if j["metadata"]["uid"] != old["metadata"]["uid"]]
+        jobs = [j for j in kljs.jobs("draft", role=PREPARE) if j["metadata"]["uid"] != old["metadata"]["uid"]]
         return jobs[0] if jobs else None
 
     new = wait_for(replaced, what="the replacement Job")
     assert json.loads(job_env(new)["KONTEXT_LORA_JOB"]["value"])["spec"]["lora"]["rank"] == 32
     assert new["spec"]["suspend"] is True
     kljs.wait_event("draft", "SpecChanged")
-    wait_for(lambda: len(kljs.jobs("draft")) == 1, what="the old Job to go")
+    wait_for(lambda: len(kljs.jobs("draft", role=PREPARE)) == 1, what="the old Job to go")
     kljs.wait_phase("draft", "Suspended")
+
+    # Prepared and waiting for a GPU (no node has 500 CPUs): a change replaces the GPU Job and the preparation,
+    # which validated the old spec.
+    kljs.patch_spec("draft", {"suspend": False, "resources": {"gpu": "L40S-48GB", "cpu": "500", "memory": "1Gi"}})
+    kljs.wait_status("draft", lambda s: s.get("reason") == "Unschedulable", 60, "waiting for a GPU node")
+    gpu_job = kljs.jobs("draft")[0]
+    prepared = kljs.jobs("draft", role=PREPARE)[0]
+    kljs.patch_spec("draft", {"lora": {"rank": 48}})
+    wait_for(
+        lambda: (
+            {j["metadata"]["uid"] for j in kljs.jobs("draft") + kljs.jobs("draft", role=PREPARE)}
+            - {gpu_job["metadata"]["uid"], prepared["metadata"]["uid"]}
+        ),
+        what="both Jobs replaced",
+    )
+    wait_for(lambda: len(kljs.jobs("draft")) == 1 and len(kljs.jobs("draft", role=PREPARE)) == 1, what="one each")
+    rank = json.loads(job_env(kljs.jobs("draft")[0])["KONTEXT_LORA_JOB"]["value"])["spec"]["lora"]["rank"]
+    assert rank == 48
 
 
 def test_delete_removes_cluster_objects_and_keeps_the_loras(

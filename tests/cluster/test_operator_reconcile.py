@@ -13,7 +13,7 @@ import pytest
 from kubernetes import client, config
 
 from tests.conftest import Cluster
-from tests.infra.klj import Kljs, job_manifest
+from tests.infra.klj import MANUAL_PREPARATION, PREPARE, Kljs, job_manifest
 from tests.infra.operator_process import OperatorProcess, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -30,10 +30,17 @@ def test_apply_creates_an_owned_gpu_job_and_status_follows_it_to_success(
 ) -> None:
     began = time.monotonic()
     kljs.apply(job_manifest("jewels"))
-    job = wait_for(lambda: kljs.jobs("jewels"), timeout=30, what="batch Job")[0]
+    preparation = wait_for(lambda: kljs.jobs("jewels", role=PREPARE), timeout=30, what="preparation Job")[0]
     created_after = time.monotonic() - began
-    print(f"\napply -> Job created: {created_after:.2f}s")
+    # KWOK's CPU node ends the preparation pod half a second after it started (tests/infra/kwok-stages).
+    job = wait_for(lambda: kljs.jobs("jewels"), timeout=30, what="batch Job")[0]
+    gpu_job_after = time.monotonic() - began
+    print(f"\napply -> preparation Job created: {created_after:.2f}s, GPU Job created: {gpu_job_after:.2f}s")
     assert created_after < 5
+    [prepared_on] = [p["spec"]["nodeName"] for p in kljs.pods("jewels", role=PREPARE)]
+    assert prepared_on.startswith("cpu-"), "the preparation runs on a CPU node, never holding a GPU"
+    assert preparation["metadata"]["name"] == "jewels-prepare"
+    assert preparation["metadata"]["ownerReferences"][0]["uid"] == kljs.get("jewels")["metadata"]["uid"]
 
     klj = kljs.get("jewels")
     owner = {"apiVersion": "kontext-lora.io/v1alpha1", "kind": "KontextLoRAJob", "name": "jewels"}
@@ -60,7 +67,11 @@ def test_apply_creates_an_owned_gpu_job_and_status_follows_it_to_success(
 
     status = kljs.wait_phase("jewels", "Downloading")
     assert status["jobName"] == "jewels-trainer" and status["startTime"]
-    assert {c["type"]: c["status"] for c in status["conditions"]} == {"Created": "True", "Running": "True"}
+    assert {c["type"]: c["status"] for c in status["conditions"]} == {
+        "Prepared": "True",
+        "Created": "True",
+        "Running": "True",
+    }
 
     # The trainer reports progress with its pod's token, through the per-job Role.
     trainer = trainer_client(crd, kljs, "jewels-trainer")
@@ -103,7 +114,7 @@ def test_apply_creates_an_owned_gpu_job_and_status_follows_it_to_success(
     assert status["completionTime"] and status["restarts"] == 0
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["Succeeded"]["status"] == "True" and conditions["Running"]["status"] == "False"
-    for reason in ("JobCreated", "Pending", "Downloading", "Training", "Succeeded"):
+    for reason in ("PreparationCreated", "JobCreated", "Pending", "Downloading", "Training", "Succeeded"):
         kljs.wait_event("jewels", reason)  # an Event is posted just after the status write it reports
 
     # Operator metrics on its own port.
@@ -145,7 +156,7 @@ def test_invalid_spec_fails_with_the_field_named_and_creates_nothing(kljs: Kljs,
     status = kljs.wait_phase("too-big", "Failed")
     assert status["reason"] == "InvalidSpec" and "spec.training.batchSize" in status["message"]
     assert "GB of GPU memory" in status["message"] and "batchSize: " in status["message"]  # what fits instead
-    assert kljs.jobs() == []
+    assert kljs.jobs() == [] and kljs.jobs(role=PREPARE) == []
 
 
 def test_a_job_that_cannot_be_scheduled_shows_the_schedulers_reason(kljs: Kljs, start_operator) -> None:
@@ -167,6 +178,45 @@ def test_a_job_that_cannot_be_scheduled_shows_the_schedulers_reason(kljs: Kljs, 
     assert running["status"] == "False" and running["reason"] == "Unschedulable"
     event = kljs.wait_event("nowhere", "Unschedulable")
     assert event["type"] == "Warning" and "node affinity" in event["message"]
+
+
+def test_the_preparation_runs_on_the_configured_cpu_node_and_its_failure_means_no_gpu_job(
+    crd: Cluster, kljs: Kljs, start_operator
+) -> None:
+    start_operator(
+        config={"preparation": {"annotations": MANUAL_PREPARATION, "nodeSelector": {"kubernetes.io/hostname": "cpu-1"}}}
+    )
+    kljs.apply(job_manifest("unprepared"))
+    pod = kljs.running_pod("unprepared", role=PREPARE)
+    assert pod["spec"]["nodeName"] == "cpu-1" and pod["spec"]["nodeSelector"] == {"kubernetes.io/hostname": "cpu-1"}
+    [container] = pod["spec"]["containers"]
+    assert container["command"] == ["kontext-lora", "prepare", "--from-env"]
+    assert "nvidia.com/gpu" not in container["resources"]["requests"]
+    assert not [t for t in pod["spec"].get("tolerations") or [] if "gpu" in t["key"]], "it tolerates no GPU taint"
+    # The preparation pod reports its progress through the job's Role, as the trainer does.
+    preparer = trainer_client(crd, kljs, "unprepared-trainer")
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 1))
+    report = {
+        "stage": "Preparing",
+        "lastProgressTime": now,
+        "preparation": {"task": "downloading pairs", "done": 3, "total": 10},
+    }
+    preparer.patch_namespaced_custom_object_status(
+        "kontext-lora.io", "v1alpha1", kljs.namespace, "kontextlorajobs", "unprepared", {"status": report}
+    )
+    status = kljs.wait_status("unprepared", lambda s: "downloading pairs (3/10)" in (s.get("message") or ""), 30)
+    assert status["phase"] == "Preparing" and status["reason"] == "Preparing"
+
+    refusal = "model black-forest-labs/FLUX.1-Kontext-dev is gated: ... not in the authorized list"
+    kljs.end_pod(pod["metadata"]["name"], 4, refusal)
+    status = kljs.wait_phase("unprepared", "Failed")
+    assert status["reason"] == "ModelAccessDenied" and refusal in status["message"]
+    assert status["message"].startswith("preparation failed, no GPU was requested")
+    prepared = next(c for c in status["conditions"] if c["type"] == "Prepared")
+    assert prepared["status"] == "False" and prepared["reason"] == "ModelAccessDenied"
+    time.sleep(1)
+    assert kljs.jobs("unprepared") == [], "no GPU Job after a failed preparation"
+    assert kljs.wait_event("unprepared", "ModelAccessDenied")["type"] == "Warning"
 
 
 def test_invalid_input_exit_code_fails_at_once_with_the_trainers_message(kljs: Kljs, operator) -> None:

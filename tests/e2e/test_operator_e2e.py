@@ -1,10 +1,14 @@
-"""End to end: `kubectl apply -f` of an examples/ job on the real control plane -> the real scheduler places the
-trainer pod on a matching GPU node -> the node agent runs the real trainer (`kontext-lora train --from-env`, tiny
-model, pairs in MinIO) -> Succeeded, with the LoRA and the rotated checkpoints in MinIO and progress in status.
+"""End to end: `kubectl apply -f` of an examples/ job on the real control plane -> the preparation pod (CPU only)
+runs on the agent's CPU node and validates the pairs -> the real scheduler places the trainer pod on a matching
+GPU node -> the node agent runs the real trainer (`kontext-lora train --from-env`, tiny model, pairs in MinIO),
+which starts from the preparation's manifest -> Succeeded, with the LoRA and the rotated checkpoints in MinIO and
+progress in status.
 
-The operator runs under its least-privilege ServiceAccount; the trainer reports progress with its pod's own
-token through the per-job Role. After the first checkpoint the trainer process and the operator are killed with
-SIGKILL: the Job retries and the new trainer resumes from the checkpoint.
+The operator runs under its least-privilege ServiceAccount; both pods report progress with their own token through
+the per-job Role. After the first checkpoint the trainer process and the operator are killed with SIGKILL: the Job
+retries and the new trainer resumes from the checkpoint, encoding nothing (the encodings are in MinIO). A second
+job on the same pairs and model encodes nothing either. The time from each trainer's start to its first training
+step is measured and printed (`[e2e timing]`).
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from kontext_trainer.data.synthetic import write_example_pairs
 from safetensors import safe_open
 
 from tests.conftest import Cluster
-from tests.infra.klj import Kljs
+from tests.faults.support import log_records, record
+from tests.infra.klj import PREPARE, Kljs
 from tests.infra.minio import MinioServer
 from tests.infra.node_agent import NodeAgent
 from tests.infra.operator_process import OperatorProcess, wait_for
@@ -30,6 +35,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.s3, pytest.mark.
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "jewellery-refining.yaml"
 STEPS, SAVE_EVERY, KEEP = 30, 10, 2
+RERUN_STEPS = 4
 
 
 def upload_pairs(minio: MinioServer, bucket: str, prefix: str, control_dir: str, target_dir: str, scratch: Path) -> int:
@@ -123,7 +129,10 @@ def test_kubectl_apply_to_lora_in_s3(
     wall = time.monotonic() - began
     observer.stop.set()
     observer.join()
-    print(f"\napply -> Job created {job_created:.2f}s; apply -> Succeeded {wall:.0f}s; status seen: {observer.seen}")
+    print(
+        f"\napply -> GPU Job created (after the preparation) {job_created:.2f}s; apply -> Succeeded {wall:.0f}s; "
+        f"status seen: {observer.seen}"
+    )
 
     # Progress was visible on the way: Training with a step and a loss, then the final step.
     training = [s for s in observer.seen if s["phase"] == "Training" and s["step"] and s["loss"] is not None]
@@ -163,7 +172,48 @@ def test_kubectl_apply_to_lora_in_s3(
     for reason in ("JobCreated", "Training", "Succeeded"):
         assert reason in reasons, reasons
 
+    # The preparation ran first, CPU only, on the agent's CPU node; the trainer started from its manifest.
+    [preparation] = kljs.pods(name, role=PREPARE)
+    assert preparation["spec"]["nodeName"] == agent_node.cpu_name
+    assert not any("gpu" in k for k in preparation["spec"]["containers"][0]["resources"].get("requests", {}))
+    assert "loras/jewellery/preparation.json" in keys
+    first_run, restart = (_trainer_timing(agent_node, kljs.namespace, pod) for pod in (first_pod, second_pod))
+    assert first_run["started_from_manifest"] and restart["started_from_manifest"]
+    assert first_run["encoded"] == {"latents": pairs, "text": first_run["encoded"]["text"]}
+    assert restart["encoded"] == {"latents": 0, "text": 0}, "a restarted trainer encodes nothing"
+
+    # A second job on the same pairs and model: its own preparation, and no encoding at all.
+    rerun = yaml.safe_load(path.read_text())
+    rerun["metadata"]["name"] = "jewellery-rerun"
+    rerun["spec"]["training"]["steps"] = RERUN_STEPS
+    rerun["spec"]["checkpoints"] = {"saveEvery": RERUN_STEPS, "keep": 1}
+    rerun["spec"]["output"]["uri"] = f"s3://{bucket}/loras/jewellery-rerun/"
+    kljs.apply(rerun)
+    kljs.wait_phase("jewellery-rerun", "Succeeded", timeout=420)
+    rerun_timing = _trainer_timing(agent_node, kljs.namespace, kljs.pods("jewellery-rerun")[0]["metadata"]["name"])
+    assert rerun_timing["encoded"] == {"latents": 0, "text": 0}, "the second job encodes nothing"
+    timings = {"first run": first_run, "restart": restart, "rerun": rerun_timing}
+    for label, timing in timings.items():
+        print(
+            f"\n[e2e timing] {label}: first step {timing['time_to_first_step']} s after the trainer started; {timing}"
+        )
+    record("time-to-first-step", **timings)
+
     # Deleting the job removes its cluster objects, never the LoRAs.
     kljs.delete(name)
     after = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix="loras/jewellery/")["Contents"]}
     assert after == keys
+
+
+def _trainer_timing(agent: NodeAgent, namespace: str, pod: str) -> dict:
+    """What a trainer pod's log says about its start: seconds to its first step and the milestones on the way, what
+    it encoded, and whether it started from the preparation's manifest."""
+    records = log_records(agent, namespace, pod)
+    first = next(r for r in records if "time_to_first_step" in r)
+    encoded = next(r for r in records if "encoded" in r and isinstance(r["encoded"], dict))
+    return {
+        "time_to_first_step": first["time_to_first_step"],
+        "timeline": first["timeline"],
+        "encoded": encoded["encoded"],
+        "started_from_manifest": any(r["message"].startswith("starting from the preparation") for r in records),
+    }

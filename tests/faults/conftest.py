@@ -15,11 +15,11 @@ from tests.conftest import Cluster
 from tests.infra.minio import MinioServer
 from tests.infra.node_agent import NodeAgent
 from tests.infra.operator_fixtures import (  # noqa: F401
-    KWOK_L40S_NODES,
     kljs,
     operator,
     operator_identity,
     pytest_runtest_makereport,
+    serving,
     start_operator,
 )
 from tests.infra.processes import free_port
@@ -79,9 +79,9 @@ def pairs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def agent(crd: Cluster, tmp_path: Path) -> Iterator[NodeAgent]:
-    """A node-agent L40S node with 10 GPUs (parallel trainer pods), the only schedulable L40S node during the test
-    (the KWOK L40S nodes are cordoned, as in tests/e2e). Trainer processes get a free metrics port, no previews,
-    one torch thread each."""
+    """A node-agent L40S node with 10 GPUs (parallel trainer pods), the only schedulable L40S node during the test,
+    and its CPU node for the preparation pods (the KWOK L40S and CPU nodes are cordoned, as in tests/e2e). Trainer
+    processes get a free metrics port, no previews, one torch thread each."""
     node = NodeAgent(crd.plane, tmp_path / "node-agent", name=f"agent-fault-{uuid.uuid4().hex[:6]}", gpus=10)
     node.env_overrides.update(
         KONTEXT_LORA_METRICS_PORT=str(free_port()),
@@ -89,13 +89,8 @@ def agent(crd: Cluster, tmp_path: Path) -> Iterator[NodeAgent]:
         KONTEXT_LORA_PROGRESS="0",
         OMP_NUM_THREADS="1",
     )
-    node.start()
-    crd.kubectl("cordon", *KWOK_L40S_NODES)
-    try:
+    with serving(crd, node):
         yield node
-    finally:
-        crd.kubectl("uncordon", *KWOK_L40S_NODES, check=False)
-        node.stop()
 
 
 @pytest.fixture

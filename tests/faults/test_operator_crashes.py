@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.conftest import Cluster
-from tests.infra.klj import Kljs, job_manifest
+from tests.infra.klj import PREPARE, Kljs, job_manifest
 from tests.infra.kwok import EXIT_CODE_ANNOTATION
 from tests.infra.operator_process import OperatorProcess, wait_for
 from tests.infra.watch import Recorder
@@ -34,7 +34,8 @@ GPU_CLASSES = ("L40S-48GB", "RTX4090-48GB")  # 8 + 4 KWOK GPUs for 20 jobs: some
 
 class Invariants(threading.Thread):
     """Lists the namespace's batch Jobs and KontextLoRAJobs three times a second and remembers every violation:
-    two live Jobs owned by one KontextLoRAJob, and how long each job went without a status phase."""
+    two live Jobs of one role (preparation, GPU) owned by one KontextLoRAJob, and how long each job went without a
+    status phase."""
 
     def __init__(self, kljs: Kljs):
         super().__init__(daemon=True)
@@ -46,12 +47,13 @@ class Invariants(threading.Thread):
         self.stopped = threading.Event()
 
     def check(self) -> None:
-        owners: dict[str, list[str]] = defaultdict(list)
-        for job in self.kljs.jobs():
-            if job["metadata"].get("deletionTimestamp"):
-                continue
-            for reference in job["metadata"].get("ownerReferences") or []:
-                owners[reference["uid"]].append(job["metadata"]["name"])
+        owners: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for role in ("train", PREPARE):
+            for job in self.kljs.jobs(role=role):
+                if job["metadata"].get("deletionTimestamp"):
+                    continue
+                for reference in job["metadata"].get("ownerReferences") or []:
+                    owners[(reference["uid"], role)].append(job["metadata"]["name"])
         for uid, names in owners.items():
             self.most_jobs_per_owner = max(self.most_jobs_per_owner, len(names))
             if len(names) > 1:
@@ -96,7 +98,9 @@ def end_pod(cluster: Cluster, namespace: str, pod: str, code: int) -> None:
 
 
 def running_pods(kljs: Kljs) -> list[dict]:
-    pods = kljs.core.list_namespaced_pod(kljs.namespace, label_selector="kontext-lora.io/job").items
+    # Trainer pods (KWOK ends the preparation pods by itself, tests/infra/kwok-stages).
+    selector = "kontext-lora.io/job,kontext-lora.io/role!=prepare"
+    pods = kljs.core.list_namespaced_pod(kljs.namespace, label_selector=selector).items
     return [
         kljs.api.sanitize_for_serialization(p)
         for p in pods
@@ -175,8 +179,9 @@ def test_operator_killed_ten_times_while_reconciling_twenty_jobs(
 
     assert not invariants.violations, invariants.violations
     for name in names:
-        created = recorder.added(f"{name}-trainer")
-        assert len(created) == 1, f"{name}: its Job was created {len(created)} times"
+        for job in (f"{name}-prepare", f"{name}-trainer"):
+            created = recorder.added(job)
+            assert len(created) == 1, f"{job} was created {len(created)} times"
         status = kljs.status(name)
         assert status["restarts"] == crashes[name], (name, status, crashes[name])
         job_created = [e for e in kljs.events(name) if e["reason"] == "JobCreated"]

@@ -1,6 +1,7 @@
-"""Secrets and privilege: storage credentials reach trainer pods only by Secret reference and appear nowhere else —
-not in the operator's log, the trainers' logs and termination messages, the job's status, Events, or the Job and pod
-specs — for a job that succeeds and jobs that fail on storage. Trainer pods run non-root without privilege
+"""Secrets and privilege: storage credentials and the Hugging Face token reach the pods (preparation and trainer) only
+by Secret reference and appear nowhere else — not in the operator's log, the pods' logs and termination messages, the
+job's status, Events, or the Job and pod specs — for a job that succeeds (its model from the stand-in hub, gated, with
+the token) and jobs that fail on storage or on the hub refusing a token. Trainer pods run non-root without privilege
 escalation, all capabilities dropped, seccomp RuntimeDefault, and are admitted by a namespace that enforces the
 `restricted` Pod Security Standard. The operator's RBAC (its rule list, the chart's rendered roles and the live
 ServiceAccount) has no wildcard, no Secrets, no cluster-admin."""
@@ -10,14 +11,16 @@ from __future__ import annotations
 import base64
 import json
 import uuid
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 import pytest
 from kontext_operator.rbac import OPERATOR_RULES
 
-from tests.conftest import Cluster
+from tests.conftest import Cluster, Hub
 from tests.infra.helm import Helm
-from tests.infra.klj import Kljs
+from tests.infra.klj import PREPARE, Kljs
 from tests.infra.node_agent import NodeAgent
 from tests.infra.operator_process import SERVICE_ACCOUNT, SYSTEM_NAMESPACE, OperatorProcess
 
@@ -27,16 +30,19 @@ pytestmark = [pytest.mark.cluster, pytest.mark.s3, pytest.mark.slow]
 
 OPERATOR_USER = f"system:serviceaccount:{SYSTEM_NAMESPACE}:{SERVICE_ACCOUNT}"
 ADMIN_ROLES = {"cluster-admin", "admin", "edit"}
-CREDENTIAL_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"}
+CREDENTIAL_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "HF_TOKEN"}
 
 
 def test_credentials_only_by_reference_never_in_logs_status_or_events_and_pods_are_restricted(
     crd: Cluster,
     kljs: Kljs,
-    operator: OperatorProcess,
+    start_operator: Callable[..., OperatorProcess],
     agent: NodeAgent,
     store: FaultStore,
+    hub: Hub,
 ) -> None:
+    # The chart-wide default token Secret (hub.tokenSecret) for jobs that name none.
+    operator = start_operator(config={"hub": {"endpoint": hub.server.endpoint, "tokenSecret": {"name": "hf-token"}}})
     namespace = kljs.namespace
     for label in ("enforce", "warn", "audit"):
         crd.kubectl("label", "namespace", namespace, f"pod-security.kubernetes.io/{label}=restricted", "--overwrite")
@@ -56,16 +62,29 @@ def test_credentials_only_by_reference_never_in_logs_status_or_events_and_pods_a
     wrong_secret = "kl-fault-wrong-" + uuid.uuid4().hex
     store.create_secret(kljs)
     kljs.create_s3_secret(store.minio.access_key, wrong_secret, name="wrong-credentials")
+    for secret, token in (("hf-token", hub.granted_token), ("hf-refused", hub.refused_token)):
+        crd.kubectl("create", "secret", "generic", secret, "-n", namespace, f"--from-literal=HF_TOKEN={token}")
     jobs = {
         "leak-ok": store.job("leak-ok", steps=4, save_every=2, keep=1),
         "leak-wrong-key": store.job("leak-wrong-key", secret="wrong-credentials"),
         "leak-no-bucket": store.job("leak-no-bucket"),
+        "leak-refused-token": store.job("leak-refused-token"),
+    }
+    # The model from the (stand-in) hub: with the default token Secret, and with one the hub refuses. The good job
+    # also names a model cache volume, which its preparation pod fills for the training pod.
+    jobs["leak-ok"]["spec"]["model"] = {"base": hub.repo, "dtype": "fp32"}
+    jobs["leak-ok"]["spec"]["resources"]["modelCacheClaim"] = _model_cache_claim(crd, namespace)
+    jobs["leak-refused-token"]["spec"]["model"] = {
+        "base": hub.repo,
+        "dtype": "fp32",
+        "tokenSecret": {"name": "hf-refused"},
     }
     # A storage failure after the credentials were used: the output bucket does not exist.
     jobs["leak-no-bucket"]["spec"]["output"]["uri"] = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/out/"
     for document in jobs.values():
         kljs.apply(document)
     expected = {"leak-ok": "Succeeded", "leak-wrong-key": "Failed", "leak-no-bucket": "Failed"}
+    expected["leak-refused-token"] = "Failed"
     wait_until(
         lambda: all(kljs.status(n).get("phase") == phase for n, phase in expected.items()),
         420,
@@ -73,9 +92,18 @@ def test_credentials_only_by_reference_never_in_logs_status_or_events_and_pods_a
         interval=1,
     )
 
-    # Pods: admitted under `restricted`, credentials by reference only.
-    pods = [p for name in jobs for p in kljs.pods(name)]
-    assert len(pods) == len(jobs), [p["metadata"]["name"] for p in pods]
+    # The model cache hand-over: the training pod started from the filled volume and asked the hub nothing.
+    [trainer_pod] = kljs.pods("leak-ok")
+    started = datetime.fromisoformat(trainer_pod["status"]["startTime"].replace("Z", "+00:00")).timestamp()
+    by_licensee = [r for r in hub.server.requests_for(hub.repo) if r.user == "licensee"]
+    assert by_licensee and not [r for r in by_licensee if r.at >= started], [(r.method, r.path) for r in by_licensee]
+    assert [r for r in by_licensee if r.method == "GET" and "/resolve/" in r.path], "the preparation downloaded it"
+
+    # Pods: admitted under `restricted`, credentials by reference only. Every job had a preparation pod; only the
+    # one whose inputs were fine got a trainer pod.
+    pods = [p for name in jobs for role in ("train", PREPARE) for p in kljs.pods(name, role)]
+    assert len(pods) == len(jobs) + 1, [p["metadata"]["name"] for p in pods]
+    assert kljs.status("leak-refused-token")["reason"] == "ModelAccessDenied"
     failed_creates = crd.kubectl(
         "get", "events", "-n", namespace, "--field-selector", "reason=FailedCreate", "-o", "json"
     ).stdout
@@ -96,7 +124,8 @@ def test_credentials_only_by_reference_never_in_logs_status_or_events_and_pods_a
         assert not container.get("envFrom"), "no bulk import of Secrets"
 
     # Nothing outside the Secret holds the values.
-    plain = {**store.secrets, "wrong key": wrong_secret}
+    plain = {**store.secrets, "wrong key": wrong_secret, "hub token": hub.granted_token}
+    plain["refused hub token"] = hub.refused_token
     # ... nor their base64 form (a dumped Secret object).
     secrets = plain | {f"{k} (base64)": base64.b64encode(v.encode()).decode() for k, v in plain.items()}
     texts = {
@@ -117,6 +146,8 @@ def test_credentials_only_by_reference_never_in_logs_status_or_events_and_pods_a
     in_secret = crd.kubectl("get", "secret", "wrong-credentials", "-n", namespace, "-o", "json").stdout
     found = scan_for(secrets, {"the Secret": in_secret})
     assert found == ["the Secret: access key (base64)", "the Secret: wrong key (base64)"], found
+    in_token = crd.kubectl("get", "secret", "hf-token", "-n", namespace, "-o", "json").stdout
+    assert scan_for(secrets, {"the Secret": in_token}) == ["the Secret: hub token (base64)"]
     assert "access denied" in kljs.status("leak-wrong-key")["message"]
 
     # The trainer's identity can read its own job and patch its status, and nothing like Secrets.
@@ -150,6 +181,46 @@ def test_credentials_only_by_reference_never_in_logs_status_or_events_and_pods_a
         jobs=expected,
         pod_security="restricted (enforce)",
     )
+
+
+def _model_cache_claim(cluster: Cluster, namespace: str) -> str:
+    """A PersistentVolumeClaim bound to a PersistentVolume made for it (the node agent gives each claim one folder)."""
+    claim, volume = "model-cache", f"model-cache-{namespace}"
+    manifests = [
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolume",
+            "metadata": {"name": volume, "labels": {"kontext-lora.io/test": namespace}},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "",
+                "persistentVolumeReclaimPolicy": "Delete",
+                "hostPath": {"path": f"/tmp/{volume}"},
+                "claimRef": {"namespace": namespace, "name": claim},
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "PersistentVolumeClaim",
+            "metadata": {"name": claim, "namespace": namespace},
+            "spec": {
+                "accessModes": ["ReadWriteOnce"],
+                "storageClassName": "",
+                "volumeName": volume,
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+    ]
+    cluster.kubectl("apply", "-f", "-", input="\n---\n".join(json.dumps(m) for m in manifests))
+    wait_until(
+        lambda: (
+            cluster.kubectl("get", "pvc", claim, "-n", namespace, "-o", "jsonpath={.status.phase}").stdout == "Bound"
+        ),
+        60,
+        "the claim to be bound",
+    )
+    return claim
 
 
 def _no_wildcards(rules: list[dict], where: str) -> None:

@@ -22,7 +22,7 @@ from kontext_trainer.storage import Location, S3Settings, S3Storage
 
 from kontext_lora.api.spec import StorageSpec
 from tests.conftest import Cluster
-from tests.infra.klj import Kljs
+from tests.infra.klj import PREPARE, Kljs
 from tests.infra.minio import MinioServer
 from tests.infra.node_agent import NodeAgent
 from tests.infra.operator_process import OperatorProcess
@@ -156,13 +156,15 @@ def test_outages_during_download_and_checkpoint_uploads_lose_nothing(
         retries = len(_retries_logged(agent, kljs.namespace, pod)) - before
         outages.append({"during": what, "seconds": round(time.monotonic() - stopped, 1), "retries": retries})
 
-    # 1. MinIO goes away while the first dataset image is being fetched.
+    # 1. MinIO goes away while the first dataset image is being fetched (by the preparation pod, which validates the
+    # pairs before the GPU pod is made).
     download.wait_hit(300)
-    first_pod = kljs.running_pod(name)["metadata"]["name"]
-    outage("dataset download", first_pod, download)
+    preparation_pod = kljs.running_pod(name, role=PREPARE)["metadata"]["name"]
+    outage("dataset download", preparation_pod, download)
 
     # 2. ... and while the first checkpoint's COMPLETE marker is being uploaded: its files are up, the marker not.
     first_upload.wait_hit(300)
+    first_pod = kljs.running_pod(name)["metadata"]["name"]
     at_cut = checkpoints(client, store.bucket, prefix)
     assert save_every in at_cut.partial and not at_cut.complete, at_cut
     outage("checkpoint upload", first_pod, first_upload)
@@ -227,7 +229,7 @@ def test_storage_that_stays_down_fails_the_job_in_bounded_time_naming_endpoint_a
     store.minio.stop()
     try:
         kljs.apply(job)
-        pod = kljs.running_pod("down", timeout=120)["metadata"]["name"]
+        pod = kljs.running_pod("down", timeout=120, role=PREPARE)["metadata"]["name"]
         status = kljs.wait_phase("down", "Failed", timeout=180)
     finally:
         store.minio.start()
@@ -240,8 +242,9 @@ def test_storage_that_stays_down_fails_the_job_in_bounded_time_naming_endpoint_a
     assert "code 3" in message and "not retried" in message, message
     event = kljs.wait_event("down", "StorageUnreachable")
     assert event["type"] == "Warning" and proxy.endpoint in event["message"]
-    [batch] = kljs.jobs("down")
-    assert batch["status"].get("failed") == 1 and len(kljs.pods("down")) == 1, "exit 3 fails the Job at once"
+    [batch] = kljs.jobs("down", role=PREPARE)
+    assert batch["status"].get("failed") == 1 and len(kljs.pods("down", role=PREPARE)) == 1, "exit 3: at once"
+    assert kljs.jobs("down") == [], "found in the preparation: no GPU was requested"
     assert status.get("restarts", 0) == 0
 
     spent = (datetime.fromisoformat(error["time"]) - datetime.fromisoformat(first_retry)).total_seconds()

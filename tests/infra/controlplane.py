@@ -123,6 +123,7 @@ class ControlPlane:
             logs,
         ).start()
         self.processes.append(apiserver)
+        self.apiserver = apiserver
         apiserver.wait_ready(lambda: self._get("/readyz") == 200, timeout=90)
 
         controller_manager = ServerProcess(
@@ -167,6 +168,23 @@ class ControlPlane:
         )
         scheduler.wait_ready(lambda: "Serving securely" in scheduler.log_path.read_text(), 60)
         self.started_seconds = time.monotonic() - began
+
+    def stop_apiserver(self, grace: float = 10) -> float:
+        """Stop kube-apiserver (SIGTERM, SIGKILL after `grace` seconds, as a control-plane restart or a crash does);
+        etcd, the controllers and everything else keep running. Seconds it took to exit."""
+        began = time.monotonic()
+        self.apiserver.stop(grace=grace)
+        return time.monotonic() - began
+
+    def start_apiserver(self, timeout: float = 90) -> float:
+        """Start kube-apiserver again with the same flags (port, certificates, etcd): every kubeconfig and token stays
+        valid. Seconds until it is ready (/readyz)."""
+        began = time.monotonic()
+        restarted = ServerProcess(self.apiserver.name, self.apiserver.argv, self.apiserver.log_path.parent).start()
+        self.processes[self.processes.index(self.apiserver)] = restarted
+        self.apiserver = restarted
+        restarted.wait_ready(lambda: self._get("/readyz") == 200, timeout=timeout)
+        return time.monotonic() - began
 
     def _identity(self, ca: CertificateAuthority, name: str, user: str) -> Path:
         return self.write_kubeconfig(name, ca.issue(name, user))

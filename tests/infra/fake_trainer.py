@@ -1,7 +1,9 @@
-"""A stand-in for `kontext-lora train --from-env` that follows the operator/trainer contract and nothing else.
+"""A stand-in for `kontext-lora train --from-env` (and `prepare --from-env`) that follows the operator/trainer contract
+and nothing else.
 
 For tests of the operator and the node agent that must not depend on the real trainer (docs/architecture.md):
-it reads `$KONTEXT_LORA_JOB`, reports Downloading -> Training (step, loss) -> Uploading with the pod's own
+it reads `$KONTEXT_LORA_JOB`; as `prepare` it reports Preparing and exits with `$FAKE_PREPARE_EXIT` (default 0);
+as `train` it reports Downloading -> Training (step, loss) -> Uploading with the pod's own
 identity ($KUBECONFIG from the node agent: the per-job Role), then exits with `$FAKE_TRAINER_EXIT` (default 0),
 writing `$FAKE_TRAINER_MESSAGE` to the termination-message file first when it fails. With `$FAKE_TRAINER_WAIT`
 set it waits for SIGTERM (a suspended or deleted job) before reporting Uploading.
@@ -37,6 +39,16 @@ def main() -> int:
             {"status": status},
             _content_type="application/merge-patch+json",
         )
+
+    if sys.argv[1:2] == ["prepare"]:
+        # The preparation pod's part of the contract: report what it does, exit 0 (or $FAKE_PREPARE_EXIT).
+        report(stage="Preparing", preparation={"task": "validating pairs", "done": 3, "total": 3})
+        code = int(os.environ.get("FAKE_PREPARE_EXIT", "0"))
+        if code:
+            Path(os.environ["KONTEXT_LORA_TERMINATION_LOG"]).write_text(os.environ.get("FAKE_PREPARE_MESSAGE", "bad"))
+            return code
+        report(datasetPairs=3, preparation={"task": "done", "done": 3, "total": 3})
+        return 0
 
     terminated: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, frame: terminated.append(signum))

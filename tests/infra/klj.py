@@ -19,6 +19,16 @@ from kontext_lora.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
 from .controlplane import ControlPlane
 
 JOB_LABEL = "kontext-lora.io/job"
+ROLE_LABEL = "kontext-lora.io/role"
+PREPARE, TRAIN = "prepare", "train"
+# On KWOK nodes a preparation pod succeeds by itself (tests/infra/kwok-stages) unless its pod carries this; the
+# operator config `{"preparation": {"annotations": MANUAL_PREPARATION}}` lets a test end it (`end_pod`).
+MANUAL_PREPARATION = {"kwok.kontext-lora.io/manual": "true"}
+
+
+def _role(role: str) -> str:
+    # Objects made before preparation Jobs existed carry no role label: they are GPU ones.
+    return f"{ROLE_LABEL}!={PREPARE}" if role == TRAIN else f"{ROLE_LABEL}={role}"
 
 
 def job_manifest(name: str, **spec: Any) -> dict[str, Any]:
@@ -114,21 +124,25 @@ class Kljs:
     def wait_phase(self, name: str, phase: str, timeout: float = 60) -> dict[str, Any]:
         return self.wait_status(name, lambda s: s.get("phase") == phase, timeout, f"phase {phase}")
 
-    def jobs(self, name: str | None = None) -> list[dict[str, Any]]:
+    def jobs(self, name: str | None = None, role: str = TRAIN) -> list[dict[str, Any]]:
+        """The batch Jobs of a job (of all jobs without a name): its GPU Jobs, or with `role=PREPARE` its
+        preparation Jobs."""
         selector = f"{JOB_LABEL}={name}" if name else JOB_LABEL
-        items = self.batch.list_namespaced_job(self.namespace, label_selector=selector).items
+        items = self.batch.list_namespaced_job(self.namespace, label_selector=f"{selector},{_role(role)}").items
         return [self.api.sanitize_for_serialization(item) for item in items]
 
-    def pods(self, name: str) -> list[dict[str, Any]]:
-        items = self.core.list_namespaced_pod(self.namespace, label_selector=f"{JOB_LABEL}={name}").items
+    def pods(self, name: str, role: str = TRAIN) -> list[dict[str, Any]]:
+        """A job's trainer (GPU) pods, oldest first; with `role=PREPARE` its preparation pods."""
+        selector = f"{JOB_LABEL}={name},{_role(role)}"
+        items = self.core.list_namespaced_pod(self.namespace, label_selector=selector).items
         pods = [self.api.sanitize_for_serialization(item) for item in items]
         return sorted(pods, key=lambda p: p["metadata"]["creationTimestamp"])
 
-    def running_pod(self, name: str, timeout: float = 60) -> dict[str, Any]:
+    def running_pod(self, name: str, timeout: float = 60, role: str = TRAIN) -> dict[str, Any]:
         def running() -> dict[str, Any] | None:
             live = [
                 p
-                for p in self.pods(name)
+                for p in self.pods(name, role)
                 if p["status"].get("phase") == "Running" and not p["metadata"].get("deletionTimestamp")
             ]
             return live[-1] if live else None
@@ -138,7 +152,8 @@ class Kljs:
             if found := running():
                 return found
             time.sleep(0.2)
-        raise TimeoutError(f"no running trainer pod for {name}: {[p['status'].get('phase') for p in self.pods(name)]}")
+        phases = [p["status"].get("phase") for p in self.pods(name, role)]
+        raise TimeoutError(f"no running {role} pod for {name}: {phases}")
 
     def events(self, name: str) -> list[dict[str, Any]]:
         items = self.core.list_namespaced_event(

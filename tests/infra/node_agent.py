@@ -1,14 +1,18 @@
-"""A test-only mini-kubelet: one GPU Node whose pods run as local processes, so an end-to-end test trains for real.
+"""A test-only mini-kubelet: a GPU Node and a CPU Node whose pods run as local processes, so an end-to-end test
+trains for real.
 
 The agent registers a Node labelled as GPU Feature Discovery labels an L40S 48 GB node (with the GPU taint and
-`nvidia.com/gpu` capacity), renews its Lease in kube-node-lease so the node lifecycle controller keeps it Ready,
-and watches the pods the real scheduler binds to it. For each pod it does what a kubelet does, minus containers:
+`nvidia.com/gpu` capacity) and, beside it, a CPU-only Node (`<name>-cpu`, no GPU, no taint) where the preparation
+pods that run before a job's GPU pod land. It renews both Leases in kube-node-lease so the node lifecycle controller
+keeps them Ready, and watches the pods the real scheduler binds to them. For each pod it does what a kubelet does,
+minus containers:
 
 - runs the first container's `command` + `args` as a process (`kontext-lora` maps to `.venv/bin/kontext-lora`),
   with the pod's environment resolved: literal values with `$(VAR)` expansion, `secretKeyRef`/`configMapKeyRef`
   (read through the API; a missing one leaves the pod waiting in CreateContainerConfigError, as a kubelet does),
   `fieldRef`;
-- mounts: every volume becomes a folder; environment values under a mount path are rewritten to that folder;
+- mounts: every volume becomes a folder (a PersistentVolumeClaim one folder per claim, shared by the pods that mount
+  it); environment values under a mount path are rewritten to that folder;
 - identity: mints a token for the pod's ServiceAccount (TokenRequest, bound to the pod) and hands the process a
   KUBECONFIG with it, so the process's API calls go through the pod's real RBAC;
 - status: Running with the container state, then Succeeded/Failed with the exit code and the termination
@@ -101,6 +105,8 @@ class NodeAgent:
     gpu_product: str = "NVIDIA-L40S"
     gpu_memory_mib: int = 46068
     gpus: int = 1
+    cpu_node: bool = True
+    """Also register `<name>-cpu`, a CPU-only node (preparation pods run there)."""
     commands: dict[str, list[str]] = field(default_factory=lambda: dict(DEFAULT_COMMANDS))
     """What a container's command runs here: its first word (or that word's file name) -> argv prefix."""
     env_overrides: dict[str, str] = field(default_factory=dict)
@@ -113,32 +119,44 @@ class NodeAgent:
         self.coordination = client.CoordinationV1Api(self.api)
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._watch = watch.Watch()
+        self._watches: list[watch.Watch] = []
         self._threads: list[threading.Thread] = []
         self.root.mkdir(parents=True, exist_ok=True)
 
-    # ---- node and lease --------------------------------------------------------------------------------------
+    # ---- nodes and leases -------------------------------------------------------------------------------------
 
-    def node_manifest(self) -> dict[str, Any]:
+    @property
+    def cpu_name(self) -> str:
+        return f"{self.name}-cpu"
+
+    @property
+    def node_names(self) -> list[str]:
+        return [self.name, *([self.cpu_name] if self.cpu_node else [])]
+
+    def node_manifest(self, name: str | None = None) -> dict[str, Any]:
+        name = name or self.name
         labels = {
-            "kubernetes.io/hostname": self.name,
+            "kubernetes.io/hostname": name,
             "kubernetes.io/os": "linux",
             "kubernetes.io/arch": "amd64",
             "kontext-lora.io/node-agent": "true",
-            "nvidia.com/gpu.present": "true",
-            "nvidia.com/gpu.product": self.gpu_product,
-            "nvidia.com/gpu.memory": str(self.gpu_memory_mib),
-            "nvidia.com/gpu.count": str(self.gpus),
         }
-        return {
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {"name": self.name, "labels": labels},
-            "spec": {"taints": [GPU_TAINT]},
-        }
+        spec: dict[str, Any] = {}
+        if name == self.name:
+            labels |= {
+                "nvidia.com/gpu.present": "true",
+                "nvidia.com/gpu.product": self.gpu_product,
+                "nvidia.com/gpu.memory": str(self.gpu_memory_mib),
+                "nvidia.com/gpu.count": str(self.gpus),
+            }
+            spec["taints"] = [GPU_TAINT]
+        return {"apiVersion": "v1", "kind": "Node", "metadata": {"name": name, "labels": labels}, "spec": spec}
 
-    def node_status(self) -> dict[str, Any]:
-        capacity = {"cpu": "16", "memory": "64Gi", "pods": "20", "nvidia.com/gpu": str(self.gpus)}
+    def node_status(self, name: str | None = None) -> dict[str, Any]:
+        name = name or self.name
+        capacity = {"cpu": "16", "memory": "64Gi", "pods": "20"}
+        if name == self.name:
+            capacity["nvidia.com/gpu"] = str(self.gpus)
         now = _now()
         return {
             "status": {
@@ -156,7 +174,7 @@ class NodeAgent:
                 ],
                 "addresses": [
                     {"type": "InternalIP", "address": "127.0.0.1"},
-                    {"type": "Hostname", "address": self.name},
+                    {"type": "Hostname", "address": name},
                 ],
                 "nodeInfo": {
                     "kubeletVersion": "v1.34.4-node-agent",
@@ -174,22 +192,24 @@ class NodeAgent:
         }
 
     def _register(self) -> None:
-        try:
-            self.core.create_node(self.node_manifest())
-        except client.ApiException as error:
-            if error.status != 409:
-                raise
-        self.core.patch_node_status(self.name, self.node_status())
+        for name in self.node_names:
+            try:
+                self.core.create_node(self.node_manifest(name))
+            except client.ApiException as error:
+                if error.status != 409:
+                    raise
+            self.core.patch_node_status(name, self.node_status(name))
 
-    def _renew_lease(self) -> None:
+    def _renew_lease(self, name: str | None = None) -> None:
+        name = name or self.name
         lease = {
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
-            "metadata": {"name": self.name, "namespace": "kube-node-lease"},
-            "spec": {"holderIdentity": self.name, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": _micro_now()},
+            "metadata": {"name": name, "namespace": "kube-node-lease"},
+            "spec": {"holderIdentity": name, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": _micro_now()},
         }
         try:
-            self.coordination.patch_namespaced_lease(self.name, "kube-node-lease", {"spec": lease["spec"]})
+            self.coordination.patch_namespaced_lease(name, "kube-node-lease", {"spec": lease["spec"]})
         except client.ApiException as error:
             if error.status != 404:
                 raise
@@ -198,32 +218,40 @@ class NodeAgent:
     def _heartbeat(self) -> None:
         beats = 0
         while not self._stop.wait(0 if beats == 0 else RENEW_SECONDS):
-            try:
-                self._renew_lease()
-                if beats % 3 == 0:
-                    self.core.patch_node_status(self.name, self.node_status())
-            except Exception as error:  # keep beating through apiserver hiccups
-                log.warning("heartbeat of %s failed: %s", self.name, error)
+            for name in self.node_names:
+                try:
+                    self._renew_lease(name)
+                    if beats % 3 == 0:
+                        self.core.patch_node_status(name, self.node_status(name))
+                except Exception as error:  # keep beating through apiserver hiccups
+                    log.warning("heartbeat of %s failed: %s", name, error)
             beats += 1
 
     def wait_ready(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
+        waiting = list(self.node_names)
         while time.monotonic() < deadline:
-            node = self.api.sanitize_for_serialization(self.core.read_node(self.name))
-            ready = [c for c in node["status"].get("conditions", []) if c["type"] == "Ready"]
-            taints = {t["key"] for t in node["spec"].get("taints") or []}
-            if ready and ready[0]["status"] == "True" and "node.kubernetes.io/not-ready" not in taints:
+            for name in list(waiting):
+                node = self.api.sanitize_for_serialization(self.core.read_node(name))
+                ready = [c for c in node["status"].get("conditions", []) if c["type"] == "Ready"]
+                taints = {t["key"] for t in node["spec"].get("taints") or []}
+                if ready and ready[0]["status"] == "True" and "node.kubernetes.io/not-ready" not in taints:
+                    waiting.remove(name)
+            if not waiting:
                 return
             time.sleep(0.2)
-        raise TimeoutError(f"node {self.name} not Ready")
+        raise TimeoutError(f"nodes {waiting} not Ready")
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
 
     def start(self) -> NodeAgent:
         self._register()
-        self._renew_lease()
-        for target, label in ((self._heartbeat, "heartbeat"), (self._watch_pods, "pods")):
-            thread = threading.Thread(target=target, name=f"{self.name}-{label}", daemon=True)
+        for name in self.node_names:
+            self._renew_lease(name)
+        targets = [(self._heartbeat, (), "heartbeat")]
+        targets += [(self._watch_pods, (name,), f"pods-{name}") for name in self.node_names]
+        for target, args, label in targets:
+            thread = threading.Thread(target=target, args=args, name=f"{self.name}-{label}", daemon=True)
             thread.start()
             self._threads.append(thread)
         self.wait_ready()
@@ -231,24 +259,28 @@ class NodeAgent:
 
     def stop(self) -> None:
         self._stop.set()
-        self._watch.stop()
+        for stream in self._watches:
+            stream.stop()
         with self._lock:
             running = list(self.pods.values())
         for pod in running:
             self._signal(pod, signal.SIGKILL)
-        with contextlib.suppress(client.ApiException):
-            self.core.delete_node(self.name)
+        for name in self.node_names:
+            with contextlib.suppress(client.ApiException):
+                self.core.delete_node(name)
         self.api.close()
 
     # ---- pods -----------------------------------------------------------------------------------------------
 
-    def _watch_pods(self) -> None:
+    def _watch_pods(self, node: str) -> None:
         version = None
+        stream = watch.Watch()
+        self._watches.append(stream)
         while not self._stop.is_set():
             try:
-                for event in self._watch.stream(
+                for event in stream.stream(
                     self.core.list_pod_for_all_namespaces,
-                    field_selector=f"spec.nodeName={self.name}",
+                    field_selector=f"spec.nodeName={node}",
                     resource_version=version,
                     timeout_seconds=120,
                 ):
@@ -421,12 +453,18 @@ class NodeAgent:
 
     def _prepare(self, running: RunningPod, pod: dict[str, Any]) -> tuple[list[str], dict[str, str], Path]:
         container = pod["spec"]["containers"][0]
-        volumes = running.directory / "volumes"
-        mounts: dict[str, Path] = {}
+        folders: dict[str, Path] = {}
         for volume in pod["spec"].get("volumes") or []:
-            (volumes / volume["name"]).mkdir(parents=True, exist_ok=True)
+            if claim := (volume.get("persistentVolumeClaim") or {}).get("claimName"):
+                # A claim is the same volume for every pod that mounts it (one after the other, as ReadWriteOnce).
+                folder = self.root / "claims" / running.namespace / claim
+            else:
+                folder = running.directory / "volumes" / volume["name"]
+            folder.mkdir(parents=True, exist_ok=True)
+            folders[volume["name"]] = folder
+        mounts: dict[str, Path] = {}
         for mount in container.get("volumeMounts") or []:
-            target = volumes / mount["name"]
+            target = folders[mount["name"]]
             mounts[mount["mountPath"].rstrip("/") or "/"] = target / mount.get("subPath", "")
         env = self.resolve_env(pod, container)
         # Values under a mount path point into that volume's folder (longest mount path first).
@@ -457,14 +495,28 @@ class NodeAgent:
         return argv, process_env, cwd
 
     def _patch_status(self, running: RunningPod, status: dict[str, Any]) -> None:
-        try:
-            self.core.patch_namespaced_pod_status(running.name, running.namespace, {"status": status})
-        except client.ApiException as error:
-            if error.status != 404 and not self._stop.is_set():
-                raise
-        except Exception:
-            if not self._stop.is_set():  # the cluster is going away with the test session
-                raise
+        """Report a pod's status; while the apiserver cannot be reached (an outage, a restart) keep trying, as a
+        kubelet's status manager does, so no ending is lost."""
+        delay = 0.5
+        while True:
+            try:
+                self.core.patch_namespaced_pod_status(running.name, running.namespace, {"status": status})
+                return
+            except client.ApiException as error:
+                if error.status == 404 or self._stop.is_set():
+                    return
+                if error.status < 500:
+                    raise
+                failure: Exception = error
+            except Exception as error:  # connection refused or cut
+                if self._stop.is_set():  # the cluster is going away with the test session
+                    return
+                failure = error
+            log.warning(
+                "status of pod %s/%s not reported (%s); again in %.1fs", running.namespace, running.name, failure, delay
+            )
+            self._stop.wait(delay)
+            delay = min(delay * 2, 5.0)
 
     def _container_status(self, pod: dict[str, Any], state: dict[str, Any], ready: bool, running: RunningPod) -> dict:
         container = pod["spec"]["containers"][0]

@@ -5,6 +5,7 @@ Imported by the conftest.py of tests/cluster and tests/e2e.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -75,21 +76,34 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
 
 
 KWOK_L40S_NODES = ("gpu-l40s-0", "gpu-l40s-1")
+# KWOK's CPU nodes would take preparation pods (which no process runs there): cordoned while a node agent's CPU node
+# must get them.
+KWOK_CPU_NODES = ("cpu-0", "cpu-1")
 
 
 @pytest.fixture
 def agent_node(crd: Cluster, tmp_path: Path) -> Iterator[NodeAgent]:
-    """A node-agent GPU node (L40S labels) that is the only schedulable L40S node while the test runs.
+    """A node-agent GPU node (L40S labels) that is the only schedulable L40S node while the test runs, and its CPU
+    node, the only schedulable CPU node (preparation pods run there).
 
     The two KWOK L40S nodes match the L40S class as well; they are cordoned (as an admin drains nodes) so the
     real scheduler must pick the agent's node, while the RTX 4090 and 24 GB KWOK nodes stay as decoys that the
-    class's affinity has to rule out. They are uncordoned afterwards.
+    class's affinity has to rule out (and that preparation pods, which tolerate no GPU taint, cannot take). The KWOK
+    CPU nodes are cordoned too. All are uncordoned afterwards.
     """
     agent = NodeAgent(crd.plane, tmp_path / "node-agent", name=f"agent-l40s-{uuid.uuid4().hex[:6]}")
+    with serving(crd, agent):
+        yield agent
+
+
+@contextlib.contextmanager
+def serving(cluster: Cluster, agent: NodeAgent) -> Iterator[NodeAgent]:
+    """The agent started, and its nodes the only schedulable L40S and CPU nodes until it stops."""
     agent.start()
-    crd.kubectl("cordon", *KWOK_L40S_NODES)
+    nodes = (*KWOK_L40S_NODES, *KWOK_CPU_NODES)
+    cluster.kubectl("cordon", *nodes)
     try:
         yield agent
     finally:
-        crd.kubectl("uncordon", *KWOK_L40S_NODES, check=False)
+        cluster.kubectl("uncordon", *nodes, check=False)
         agent.stop()

@@ -44,6 +44,15 @@ class Recorder:
     def _metadata(self, obj: Any) -> dict[str, Any]:
         return obj["metadata"] if isinstance(obj, dict) else self.api.sanitize_for_serialization(obj)["metadata"]
 
+    def _relist(self) -> None:
+        """List what exists now (recorded as LISTED) and watch on from there."""
+        listing = self._list(label_selector=self.label_selector)
+        data = listing if isinstance(listing, dict) else self.api.sanitize_for_serialization(listing)
+        for item in data.get("items") or []:
+            metadata = item["metadata"]
+            self.events.append(Seen("LISTED", metadata["name"], metadata["uid"], time.monotonic()))
+        self._version = data["metadata"]["resourceVersion"]
+
     def _run(self) -> None:
         self._version = self._metadata(self._list(label_selector=self.label_selector))["resourceVersion"]
         self._ready.set()
@@ -55,10 +64,15 @@ class Recorder:
                     metadata = self._metadata(event["object"])
                     self._version = metadata.get("resourceVersion", self._version)
                     self.events.append(Seen(event["type"], metadata["name"], metadata["uid"], time.monotonic()))
-            except Exception:  # the connection is cut when the recorder stops
+            except Exception as error:  # the connection is cut when the recorder stops, or the apiserver went away
                 if self._stopped.is_set():
                     return
-                raise
+                time.sleep(1)
+                try:
+                    if isinstance(error, client.ApiException) and error.status == 410:
+                        self._relist()
+                except Exception:  # still unreachable: try again
+                    continue
 
     def start(self) -> Recorder:
         self._thread.start()
@@ -72,3 +86,7 @@ class Recorder:
 
     def added(self, name: str | None = None) -> list[Seen]:
         return [e for e in self.events if e.type == "ADDED" and (name is None or e.name == name)]
+
+    def uids(self, name: str | None = None) -> set[str]:
+        """Every object (of `name`) ever seen, a relist included: one uid per object created."""
+        return {e.uid for e in self.events if name is None or e.name == name}

@@ -27,6 +27,14 @@ def tiny_model() -> Path:
 
 
 @pytest.fixture(scope="session")
+def toy_base() -> Path:
+    """The toy base that can edit (model/toy), built once and cached like the demo's."""
+    from kontext_trainer.demo import ensure_toy_base
+
+    return ensure_toy_base()
+
+
+@pytest.fixture(scope="session")
 def pairs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Six example pairs (control/, target/ with captions; the last target uncaptioned)."""
     from kontext_trainer.data.synthetic import write_example_pairs

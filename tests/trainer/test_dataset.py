@@ -73,6 +73,21 @@ def test_every_problem_is_reported_with_the_file_named(dataset: Path) -> None:
         assert any(problem.startswith(line) for problem in problems), f"missing {line!r} in:\n{text}"
 
 
+def test_files_that_are_neither_images_nor_captions_are_ignored_with_one_warning_naming_them(dataset: Path) -> None:
+    (dataset / "target" / "notes.md").write_text("shot on the balcony, 3 pm")
+    (dataset / "control" / "metadata.json").write_text("{}")
+    (dataset / "control" / "README").write_text("before images")
+    pairs, warnings = _prepare(dataset, trigger_word="RMV,", default_caption="remove the coloured shape")
+    assert len(pairs) == 6
+    [warning] = warnings
+    uri = dataset.as_uri()
+    assert warning.startswith("ignored 3 files that are neither an image (.png, .jpg, .jpeg, .webp) nor a caption"), (
+        warning
+    )
+    for name in ("target/notes.md", "control/metadata.json", "control/README"):
+        assert f"{uri}/{name}" in warning, warning
+
+
 def test_empty_folder_names_where_it_looked(tmp_path: Path) -> None:
     (tmp_path / "empty" / "control").mkdir(parents=True)
     problems = _problems(tmp_path / "empty")

@@ -27,8 +27,10 @@ METRICS = (
     "kontext_train_gpu_memory_bytes",
     "kontext_train_checkpoints_saved_total",
     "kontext_dataset_pairs",
+    "kontext_train_validation_loss",
+    "kontext_train_edit_score",
 )
-STAGES = ["Downloading", "Training", "Uploading", "Done"]
+STAGES = ["Preparing", "Downloading", "Training", "Uploading", "Done"]
 
 
 class Observer(threading.Thread):
@@ -124,12 +126,17 @@ def test_from_env_run_reports_status_serves_metrics_and_writes_everything_to_s3(
     assert status["stage"] == "Done"
     assert status["step"] == status["totalSteps"] == 8 and status["progressPercentage"] == 100
     assert status["datasetPairs"] == 6
+    # Without a preparation pod (no $KONTEXT_LORA_PREPARED) the trainer prepared itself and reported it.
+    assert status["preparation"]["task"] == "done" and status["preparation"]["done"] == 6
+    assert status["preparation"]["manifestUri"] == f"s3://{bucket}/out/preparation.json"
     assert status["loraUri"] == f"s3://{bucket}/out/{name}.safetensors"
     [record] = status["checkpoints"]  # keep: 1
     assert record["step"] == 8
     assert record["uri"] == f"s3://{bucket}/out/checkpoints/step-000008/{name}-step-000008.safetensors"
     assert record["previewUri"] == f"s3://{bucket}/out/checkpoints/step-000008/preview.png"
     assert record["validationLoss"] > 0
+    # The edit scores survive the CRD's structural schema (unknown status fields would be pruned).
+    assert isinstance(record["editScore"], float) and isinstance(record["baseEditScore"], float), record
     assert status["lastCheckpoint"] == status["bestCheckpoint"] == record["uri"]
     assert "lastProgressTime" in status and status["loss"] > 0 and status["learningRate"] > 0
     seen = [s for s in observer.stages if s in STAGES]
@@ -149,7 +156,10 @@ def test_from_env_run_reports_status_serves_metrics_and_writes_everything_to_s3(
     # Storage: the model was synced to the model cache; outputs are in MinIO.
     assert (tmp_path / "hf" / "kontext-lora" / "s3" / bucket / "models" / "tiny" / "model_index.json").is_file()
     keys = s3_keys(s3, bucket, "out/")
-    assert f"out/{name}.safetensors" in keys
+    assert f"out/{name}.safetensors" in keys and "out/preparation.json" in keys
+    # The encodings went to the shared cache beside the output folder (the bucket's root here): 6 pairs' latents.
+    cached = s3_keys(s3, bucket, "kontext-lora-cache/encodings/v1/")
+    assert len([k for k in cached if "/latents/" in k]) == 6 and any("/text/" in k for k in cached), cached
     assert sorted(k for k in keys if "/checkpoints/" in k) == [
         f"out/checkpoints/step-000008/{f}"
         for f in sorted(

@@ -96,7 +96,7 @@ def test_job_spec_retries_deadline_suspend_and_failure_policy() -> None:
     assert spec["template"]["spec"]["restartPolicy"] == "Never"
     assert spec["podReplacementPolicy"] == "Failed"
     rules = spec["podFailurePolicy"]["rules"]
-    assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [2, 3]
+    assert rules[0]["action"] == "FailJob" and rules[0]["onExitCodes"]["values"] == [2, 3, 4]
     assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert "ttlSecondsAfterFinished" not in spec, "the KontextLoRAJob's TTL removes the Job with it"
 
@@ -179,3 +179,64 @@ def test_admission_policy_file_is_generated_from_the_model() -> None:
     assert DEPLOY_FILE.read_text() == render(), "run `python -m kontext_operator.admission`"
     assert "suspend" not in frozen_fields() and "runPolicy" not in frozen_fields()
     assert {"lora", "training", "dataset", "output", "model"} <= set(frozen_fields())
+
+
+def test_preparation_job_requests_no_gpu_and_runs_on_the_configured_cpu_nodes() -> None:
+    config = OperatorConfig.model_validate(
+        {
+            "preparation": {
+                "nodeSelector": {"node-pool": "cpu"},
+                "tolerations": [{"key": "spot", "operator": "Exists", "effect": "NoSchedule"}],
+                "cpu": "2",
+                "memory": "6Gi",
+            }
+        }
+    )
+    job = make_job(resources={"gpu": "L40S-48GB", "modelCacheClaim": "flux-cache"}, runPolicy={"backoffLimit": 7})
+    manifest = resources.preparation_job(job, config)
+    assert manifest["metadata"]["name"] == "jewels-prepare"
+    assert manifest["metadata"]["labels"][resources.ROLE_LABEL] == resources.PREPARE_ROLE
+    assert manifest["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    pod = manifest["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["command"] == ["kontext-lora", "prepare", "--from-env"]
+    assert container["resources"] == {"requests": {"cpu": "2", "memory": "6Gi"}, "limits": {"memory": "6Gi"}}
+    assert not any("gpu" in key for part in container["resources"].values() for key in part), "no GPU requested"
+    assert pod["nodeSelector"] == {"node-pool": "cpu"}
+    assert pod["tolerations"] == [{"key": "spot", "operator": "Exists", "effect": "NoSchedule"}]
+    preferred = pod["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+    assert preferred["preference"]["matchExpressions"] == [
+        {"key": "nvidia.com/gpu.present", "operator": "NotIn", "values": ["true"]}
+    ]
+    assert pod["serviceAccountName"] == "jewels-trainer", "reports status through the job's own Role"
+    assert {"name": "cache", "persistentVolumeClaim": {"claimName": "flux-cache"}} in pod["volumes"]
+    env = env_of(manifest)
+    assert env["KONTEXT_LORA_FILL_MODEL_CACHE"]["value"] == "true"
+    assert "KONTEXT_LORA_METRICS_PORT" not in env and "KONTEXT_LORA_PREPARED" not in env
+    spec = manifest["spec"]
+    assert spec["backoffLimit"] == 2 and spec["activeDeadlineSeconds"] == 7200, "the operator config's, not runPolicy"
+    assert spec["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2, 3, 4]
+    assert "kueue.x-k8s.io/queue-name" not in manifest["metadata"]["labels"]
+    # The GPU Job starts from the preparation's manifest.
+    assert env_of(resources.batch_job(job, config))["KONTEXT_LORA_PREPARED"]["value"] == "true"
+    disabled = OperatorConfig.model_validate({"preparation": {"enabled": False}})
+    assert "KONTEXT_LORA_PREPARED" not in env_of(resources.batch_job(job, disabled))
+
+
+def test_hub_token_reaches_both_pods_by_secret_reference_only() -> None:
+    config = OperatorConfig.model_validate(
+        {"hub": {"endpoint": "https://hub-mirror.internal", "tokenSecret": {"name": "hf-default"}}}
+    )
+    own = make_job(model={"base": "black-forest-labs/FLUX.1-Kontext-dev", "tokenSecret": {"name": "hf", "key": "T"}})
+    defaulted = make_job(model={"base": "black-forest-labs/FLUX.1-Kontext-dev"})
+    not_hub = make_job(model={"base": "s3://models/flux-kontext/", "tokenSecret": {"name": "hf"}})
+    for build in (resources.batch_job, resources.preparation_job):
+        env = env_of(build(own, config))
+        assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "T"}}}
+        assert env["HF_ENDPOINT"]["value"] == "https://hub-mirror.internal"
+        assert env_of(build(defaulted, config))["HF_TOKEN"]["valueFrom"]["secretKeyRef"] == {
+            "name": "hf-default",
+            "key": "HF_TOKEN",
+        }
+        assert "HF_TOKEN" not in env_of(build(not_hub, config)), "only a hub model needs the token"
+        assert "HF_TOKEN" not in env_of(build(defaulted, OperatorConfig()))

@@ -216,3 +216,67 @@ def test_quiet_pending_substates_make_no_events() -> None:
     creating = desired_status({}, observe(None, [], {}, suspend=False), job_name="j", generation=1)
     waiting = desired_status(creating, observe(job(), [], creating, suspend=False), job_name="j", generation=1)
     assert waiting["reason"] == "WaitingForPod" and transitions(creating, waiting) == []
+
+
+def prep(conditions=(), **status) -> dict:
+    trimmed = job(conditions, **status)
+    trimmed.update(name="j-prepare", role="prepare", backoffLimit=2)
+    return trimmed
+
+
+def test_preparation_is_the_phase_before_the_gpu_job_with_what_the_pod_reports() -> None:
+    pending = observe(None, [], {}, suspend=False, preparation=prep())
+    assert pending.phase == Phase.Pending and pending.reason == "WaitingForPod" and "preparation pod" in pending.message
+    unschedulable = pod(
+        phase="Pending",
+        node=None,
+        state={"waiting": {}},
+        conditions=[{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/7 nodes"}],
+    )
+    obs = observe(None, [], {}, suspend=False, preparation=prep(), preparation_pods=[unschedulable])
+    assert (obs.phase, obs.reason) == (Phase.Pending, "Unschedulable")
+    assert obs.message == "waiting for a node for the preparation pod: 0/7 nodes"
+
+    running = pod(name="j-prepare-x", node="cpu-0")
+    status = {"lastProgressTime": T1, "preparation": {"task": "downloading pairs", "done": 12, "total": 40}}
+    obs = observe(None, [], status, suspend=False, preparation=prep(), preparation_pods=[running])
+    assert (obs.phase, obs.reason) == (Phase.Preparing, "Preparing")
+    assert obs.message == "preparation pod j-prepare-x on node cpu-0: downloading pairs (12/40)"
+    stale = {**status, "lastProgressTime": "2025-12-31T00:00:00Z"}  # an earlier pod's report
+    assert observe(None, [], stale, suspend=False, preparation=prep(), preparation_pods=[running]).message.endswith(
+        ": starting"
+    )
+
+    done = observe(None, [], {"datasetPairs": 40}, suspend=False, preparation=prep([("Complete", {})]))
+    assert (done.phase, done.reason, done.prepared) == (Phase.Pending, "Creating", True)
+    conditions = desired_status({}, done, job_name="j-trainer", generation=1)["conditions"]
+    prepared = next(c for c in conditions if c["type"] == "Prepared")
+    assert prepared["status"] == "True" and "40 pairs validated" in prepared["message"]
+    assert not any(c["type"] == "Created" for c in conditions), "no GPU Job yet"
+
+
+def test_a_failed_preparation_fails_the_job_with_its_own_reason_and_the_hubs_message() -> None:
+    hub_says = "model x is gated: ... The hub said: Access to model x is restricted and you are not in the authorized"
+    failed = pod(name="j-prepare-x", phase="Failed", node="cpu-0", state=terminated(4, hub_says))
+    preparation = prep([("Failed", {"reason": "PodFailurePolicy", "lastTransitionTime": T1})], failed=1)
+    obs = observe(None, [], {}, suspend=False, preparation=preparation, preparation_pods=[failed])
+    assert (obs.phase, obs.reason, obs.prepared) == (Phase.Failed, "ModelAccessDenied", False)
+    assert obs.message.startswith("preparation failed, no GPU was requested: the trainer exited with code 4")
+    assert "not in the authorized" in obs.message and obs.completion_time == T1
+    desired = desired_status({}, obs, job_name="j-trainer", generation=1)
+    assert next(c for c in desired["conditions"] if c["type"] == "Prepared")["status"] == "False"
+    events = transitions({}, desired)
+    assert events[0].type == "Warning" and events[0].reason == "ModelAccessDenied"
+
+
+def test_warnings_of_a_preparation_become_one_warning_event_when_it_is_done() -> None:
+    done = observe(None, [], {}, suspend=False, preparation=prep([("Complete", {})]))
+    current = {"phase": "Preparing", "preparation": {"warnings": ["ignored file that is neither ...: notes.md"]}}
+    desired = desired_status(current, done, job_name="j-trainer", generation=1)
+    events = transitions(current, desired)
+    assert [(e.type, e.reason) for e in events if e.reason == "PreparationWarnings"] == [
+        ("Warning", "PreparationWarnings")
+    ]
+    assert "notes.md" in next(e.message for e in events if e.reason == "PreparationWarnings")
+    again = transitions({**current, **desired}, desired)
+    assert not [e for e in again if e.reason == "PreparationWarnings"], "once"

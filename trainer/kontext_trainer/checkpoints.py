@@ -101,7 +101,7 @@ class CheckpointStore:
         return {key.rsplit("/", 1)[1]: path for key, path in paths.items()}
 
     def records(self, checkpoints: list[StoredCheckpoint]) -> list[CheckpointRecord]:
-        """Status records (step, LoRA URI, held-out loss, preview URI) of the complete checkpoints given."""
+        """Status records (step, LoRA URI, held-out loss, edit scores, preview) of the complete checkpoints given."""
         records = []
         for checkpoint in checkpoints:
             if not checkpoint.complete:
@@ -117,6 +117,8 @@ class CheckpointStore:
                     step=checkpoint.step,
                     uri=self.storage.uri(checkpoint.prefix + lora_file_name(self.name, checkpoint.step)),
                     validation_loss=validation.get("validationLoss"),
+                    edit_score=validation.get("editScore"),
+                    base_edit_score=validation.get("baseEditScore"),
                     preview_uri=self.storage.uri(checkpoint.prefix + PREVIEW_FILE)
                     if PREVIEW_FILE in checkpoint.files
                     else None,

@@ -1,9 +1,10 @@
 """`kontext-lora demo`: the README's first command — a real LoRA training run on CPU, no cluster, no downloads.
 
-It trains `examples/local-demo.yaml` on the example pairs (generated on first use) with the tiny FLUX.1-Kontext
-model (built once and cached), shows the progress bar, writes and rotates checkpoints with held-out loss and
-preview grids, and prints where the LoRA is. Its output goes to `<work dir>/lora/` (`runs/demo/lora/` by
-default, as the job file says); each demo run starts fresh there.
+It trains `examples/local-demo.yaml` ("remove the coloured shape") on the example pairs (generated on first use)
+on the toy base (model/toy: a small FLUX.1-Kontext that knows other edits, never this one; built once and cached),
+shows the progress bar, writes and rotates checkpoints with held-out loss, edit score and preview grids, and prints
+the edit score of the base model and of each kept checkpoint, and where the LoRA is. Its output goes to
+`<work dir>/lora/` (`runs/demo/lora/` by default, as the job file says); each demo run starts fresh there.
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from .errors import ExitCode
 from .logs import setup_logging
 from .main import configure_torch, execute
 from .model.tiny import save_tiny_model
+from .model.toy import TOY_BASE_NAME, save_toy_base
 from .settings import TrainerSettings
 from .storage import Location
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO_JOB = REPO / "examples" / "local-demo.yaml"
-TINY_MODEL = "tiny-flux-kontext-v1"  # bump when the tiny model's architecture changes
+TINY_MODEL = "tiny-flux-kontext-v2"  # bump whenever the weights or tokenizers a seed gives change
 EXAMPLE_PAIRS = 12
 
 
@@ -56,7 +58,13 @@ def _build_once(destination: Path, build) -> Path:
 
 
 def ensure_tiny_model() -> Path:
+    """The tiny random-initialised model (fast machinery tests)."""
     return _build_once(cache_dir() / "models" / TINY_MODEL, lambda path: save_tiny_model(path, seed=0))
+
+
+def ensure_toy_base() -> Path:
+    """The toy base that can edit (the demo's base), built once (about a minute) into the cache."""
+    return _build_once(cache_dir() / "models" / TOY_BASE_NAME, lambda path: save_toy_base(path, seed=0))
 
 
 def ensure_example_pairs(job: KontextLoRAJob, root: Path) -> Path:
@@ -86,7 +94,7 @@ def run_demo(work_dir: Path, job_file: Path = DEMO_JOB) -> int:
     configure_torch()
     job = load_job_file(job_file)
     pairs = ensure_example_pairs(job, Path(Location.parse(job.spec.dataset.uri, settings.base_dir).prefix))
-    model = ensure_tiny_model()
+    model = ensure_toy_base()
     output = work_dir / "lora"
     # A fresh run every time: previous demo checkpoints would otherwise be resumed from.
     shutil.rmtree(output, ignore_errors=True)
@@ -100,7 +108,8 @@ def run_demo(work_dir: Path, job_file: Path = DEMO_JOB) -> int:
     resume = f"kontext-lora train {job_as_run} --work-dir {work_dir}"
     console.print(
         f"[bold]kontext-lora demo[/]: {job.spec.training.steps} steps of LoRA training on the example pairs in "
-        f"{pairs}\nwith the tiny FLUX.1-Kontext model in {model} (CPU, {job.spec.model.dtype.value})\n"
+        f"{pairs}\non the toy base in {model} (a small FLUX.1-Kontext that knows other edits; CPU, "
+        f"{job.spec.model.dtype.value})\n"
     )
 
     code, result = execute(job, settings, resume_hint=f"`{resume}` resumes")
@@ -117,18 +126,27 @@ def run_demo(work_dir: Path, job_file: Path = DEMO_JOB) -> int:
     table = Table(title=f"checkpoints kept in {output}/ (newest last)", title_justify="left")
     table.add_column("step", justify="right")
     table.add_column("held-out loss", justify="right")
+    table.add_column("edit score: LoRA (base)", justify="right")
     table.add_column("folder (LoRA, training state, validation.json, preview.png)")
     for record in result.checkpoints:
         best = " (best)" if record.uri == result.best_checkpoint else ""
-        loss = "n/a" if record.validation_loss is None else f"{record.validation_loss:.4f}{best}"
+        loss = "n/a" if record.validation_loss is None else f"{record.validation_loss:.4f}"
+        score = "n/a" if record.edit_score is None else f"{record.edit_score:.2f} dB ({record.base_edit_score:.2f} dB)"
         folder = Path(_path(record.uri)).parent.relative_to(output)
-        table.add_row(str(record.step), loss, f"{folder}/")
+        table.add_row(f"{record.step}{best}", loss, score, f"{folder}/")
     console.print(table)
     mean_step = sum(result.step_seconds) / len(result.step_seconds) if result.step_seconds else float("nan")
     before = "n/a" if result.validation_before is None else f"{result.validation_before:.4f}"
     after = "n/a" if result.validation_after is None else f"{result.validation_after:.4f}"
+    scored = [r for r in result.checkpoints if r.edit_score is not None]
+    edit = (
+        f"edit score on the held-out pairs (PSNR against the target): base model {result.base_edit_score:.2f} dB -> "
+        f"LoRA {scored[-1].edit_score:.2f} dB after {scored[-1].step} steps\n"
+        if scored and result.base_edit_score is not None
+        else ""
+    )
     console.print(
-        f"held-out loss: {before} before training -> {after} after {result.total_steps} steps\n"
+        f"{edit}held-out loss: {before} before training -> {after} after {result.total_steps} steps\n"
         f"time: {result.seconds:.0f} s in all, {mean_step * 1000:.0f} ms per training step\n"
         f"the job as run: {job_as_run} (kontext-lora train {job_as_run} resumes it)\n"
     )

@@ -10,6 +10,7 @@ class ExitCode(IntEnum):
     CRASH = 1  # anything unexpected: the operator retries up to backoffLimit
     INVALID_INPUT = 2  # dataset, spec or model unusable: retrying cannot help
     STORAGE_UNREACHABLE = 3  # object storage failed after the trainer's own bounded retries
+    MODEL_ACCESS_DENIED = 4  # the hub refused the model: gated and the licence not accepted, or a bad token
     INTERRUPTED = 130  # SIGINT (Ctrl-C): 128 + 2; a checkpoint was saved when training had started
     TERMINATED = 143  # SIGTERM (pod deleted, evicted, preempted): 128 + 15; likewise. The Job's next pod resumes
 
@@ -36,8 +37,19 @@ class DatasetError(InvalidInputError):
         super().__init__(f"dataset {location} has {len(problems)} {noun}:\n  " + "\n  ".join(shown) + more)
 
 
+class InputChangedError(InvalidInputError):
+    """An input changed after the preparation validated it (a file of the dataset replaced or deleted)."""
+
+
 class ModelLoadError(InvalidInputError):
     pass
+
+
+class ModelAccessError(TrainerError):
+    """The hub refused the model: a gated repository whose licence the token's account has not accepted, no token,
+    or a token the hub does not accept. The message carries the hub's own words."""
+
+    exit_code = ExitCode.MODEL_ACCESS_DENIED
 
 
 class CheckpointMismatchError(InvalidInputError):

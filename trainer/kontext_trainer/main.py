@@ -1,7 +1,9 @@
-"""`kontext-lora train`: read the job, run it, turn the outcome into the exit codes of docs/architecture.md.
+"""`kontext-lora train` and `prepare`: read the job, run it, turn the outcome into the exit codes of
+docs/architecture.md.
 
-0 LoRA uploaded; 2 invalid input (dataset, spec, model, incompatible checkpoints: no retry helps);
-3 storage unreachable after bounded retries; 143 stopped by SIGTERM (130: SIGINT), with a checkpoint at the step
+0 LoRA uploaded (prepare: inputs valid, manifest written); 2 invalid input (dataset, spec, model, incompatible
+checkpoints: no retry helps); 3 storage unreachable after bounded retries; 4 the hub refused the model (gated and
+the licence not accepted, no token or a bad one); 143 stopped by SIGTERM (130: SIGINT), with a checkpoint at the step
 reached once training had started (signals.py); 1 anything else (the operator retries, resuming from the newest
 checkpoint). Before a non-zero exit the reason goes to the termination-message file, credentials redacted.
 """
@@ -73,8 +75,10 @@ def run_training(
     work_dir: Path | None = None,
     metrics_port: int | None = None,
     settings: TrainerSettings | None = None,
+    prepare_only: bool = False,
+    fill_model_cache: bool | None = None,
 ) -> ExitCode:
-    """Run one job; returns the process exit code (and never raises for expected failures)."""
+    """Run one job (or only its preparation); returns the process exit code (never raises for expected failures)."""
     base_dir = job_file.resolve().parent if job_file is not None else None
     name = job_file.stem if job_file is not None else "job"
     settings = settings or TrainerSettings.resolve(
@@ -84,6 +88,8 @@ def run_training(
         default_work_dir=Path("runs") / name,
         in_cluster=from_env,
     )
+    if fill_model_cache is not None:
+        settings = settings.model_copy(update={"fill_model_cache": fill_model_cache})
     setup_logging(json_lines=settings.json_logs)
     configure_torch()
     try:
@@ -92,26 +98,34 @@ def run_training(
         return _fail(settings, ExitCode.INVALID_INPUT, str(error))
     except TrainerError as error:
         return _fail(settings, error.exit_code, str(error))
-    return execute(job, settings, resume_hint=RESUME_IN_CLUSTER if from_env else RESUME_LOCALLY)[0]
+    hint = RESUME_IN_CLUSTER if from_env else RESUME_LOCALLY
+    return execute(job, settings, resume_hint=hint, prepare_only=prepare_only)[0]
 
 
 def execute(
-    job: KontextLoRAJob, settings: TrainerSettings, resume_hint: str = RESUME_LOCALLY
+    job: KontextLoRAJob, settings: TrainerSettings, resume_hint: str = RESUME_LOCALLY, prepare_only: bool = False
 ) -> tuple[ExitCode, RunResult | None]:
     """Run a parsed job; (exit code, result when it succeeded). Expected failures are logged, never raised.
 
     SIGTERM and SIGINT stop the run with a checkpoint at the step reached (signals.py); `resume_hint` ends the
-    message saying so ("run the same command again to resume").
+    message saying so ("run the same command again to resume"). `prepare_only`: the preparation alone
+    (`kontext-lora prepare`; no result).
     """
-    from .train import TrainingRun  # imported here so argument errors do not pay for torch's heavy imports
+    # Imported here so argument errors do not pay for torch's heavy imports.
+    from .prepare import PreparationRun
+    from .train import TrainingRun
 
     def on_abort(message: str) -> None:
         log.error("%s", message)
         write_termination_message(settings.termination_log, message)
 
     stop = StopSignals(on_abort=on_abort)
+    what = "preparation" if prepare_only else "training"
     try:
         with stop.installed():
+            if prepare_only:
+                PreparationRun(job, settings, stop).run()
+                return ExitCode.OK, None
             result = TrainingRun(job, settings, stop).run()
         return ExitCode.OK, result
     except Interrupted as interrupted:
@@ -121,7 +135,7 @@ def execute(
     except KeyboardInterrupt:  # SIGINT where the handlers could not be installed (not the main thread)
         return _fail(settings, ExitCode.INTERRUPTED, "interrupted (SIGINT) without a checkpoint"), None
     except Exception as error:
-        log.exception("training failed")
+        log.exception("%s failed", what)
         return _fail(settings, ExitCode.CRASH, f"trainer crashed: {type(error).__name__}: {error}"), None
 
 

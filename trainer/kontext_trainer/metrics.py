@@ -31,6 +31,9 @@ class TrainerMetrics:
         self.gpu_memory = gauge("kontext_train_gpu_memory_bytes", "GPU memory allocated by the trainer (0 on CPU).")
         self.dataset_pairs = gauge("kontext_dataset_pairs", "Valid control/target pairs in the dataset.")
         self.validation_loss = gauge("kontext_train_validation_loss", "Held-out loss at the newest checkpoint.")
+        self.edit_score = gauge(
+            "kontext_train_edit_score", "Edit score (PSNR dB against the targets) of the newest checkpoint's LoRA."
+        )
         self.step_seconds = Histogram(
             "kontext_train_step_seconds",
             "Wall time of one optimiser step.",

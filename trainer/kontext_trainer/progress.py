@@ -35,6 +35,7 @@ TRAINER_FIELDS = frozenset(
         "eta_seconds",
         "progress_percentage",
         "dataset_pairs",
+        "preparation",
         "checkpoints",
         "last_checkpoint",
         "best_checkpoint",

@@ -35,6 +35,13 @@ class TrainerSettings(BaseModel):
     validation_timesteps: int = Field(8, ge=1, description="Fixed timesteps per held-out pair.")
     log_every_seconds: float = Field(30.0, gt=0, description="Interval of structured progress log lines.")
     status_interval_seconds: float = Field(5.0, gt=0, description="Minimum interval between status patches.")
+    prepared: bool = Field(
+        False, description="A preparation pod ran: start from its manifest (`$KONTEXT_LORA_PREPARED`)."
+    )
+    fill_model_cache: bool = Field(
+        False, description="Preparation: download the model into the model cache (`$KONTEXT_LORA_FILL_MODEL_CACHE`)."
+    )
+    pod_name: str | None = Field(None, description="The pod's name, recorded in what it writes.")
 
     @classmethod
     def resolve(
@@ -66,6 +73,9 @@ class TrainerSettings(BaseModel):
             json_logs=_flag(env.get("KONTEXT_LORA_LOG_JSON")) if "KONTEXT_LORA_LOG_JSON" in env else in_cluster,
             show_progress=_flag(progress) if progress is not None else sys.stderr.isatty(),
             preview_steps=int(preview) if preview is not None else 20,
+            prepared=_flag(env.get("KONTEXT_LORA_PREPARED")),
+            fill_model_cache=_flag(env.get("KONTEXT_LORA_FILL_MODEL_CACHE")),
+            pod_name=env.get("KONTEXT_LORA_POD_NAME") or None,
         )
 
 

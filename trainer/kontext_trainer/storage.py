@@ -160,9 +160,22 @@ class Storage(ABC):
 
     @abstractmethod
     def fetch(
-        self, keys: Sequence[str], cache_dir: Path, on_file: Callable[[str], None] | None = None
+        self,
+        keys: Sequence[str],
+        cache_dir: Path,
+        on_file: Callable[[str], None] | None = None,
+        known: Mapping[str, StoredObject] | None = None,
     ) -> dict[str, Path]:
-        """Local paths of `keys`, downloading into `cache_dir` what is not already there and unchanged."""
+        """Local paths of `keys`, downloading into `cache_dir` what is not already there and unchanged. `known`:
+        the objects as a `stat` or `list` just gave them (spares listing them again)."""
+
+    @abstractmethod
+    def stat(self, keys: Sequence[str]) -> dict[str, StoredObject]:
+        """The objects among `keys` that exist (one request each, in parallel: no listing of the whole root)."""
+
+    @abstractmethod
+    def local_path(self, key: str, cache_dir: Path) -> Path:
+        """Where `fetch(..., cache_dir)` puts (or finds) the object."""
 
     @abstractmethod
     def put_files(self, items: Sequence[tuple[Path, str]]) -> None:
@@ -204,7 +217,11 @@ class LocalStorage(Storage):
         return sorted(objects, key=lambda o: o.key)
 
     def fetch(
-        self, keys: Sequence[str], cache_dir: Path, on_file: Callable[[str], None] | None = None
+        self,
+        keys: Sequence[str],
+        cache_dir: Path,
+        on_file: Callable[[str], None] | None = None,
+        known: Mapping[str, StoredObject] | None = None,
     ) -> dict[str, Path]:
         paths = {}
         for key in keys:
@@ -216,6 +233,18 @@ class LocalStorage(Storage):
                 on_file(key)
         self.last_fetch = FetchStats(reused=len(paths))
         return paths
+
+    def stat(self, keys: Sequence[str]) -> dict[str, StoredObject]:
+        found = {}
+        for key in keys:
+            path = self.root / key
+            if path.is_file():
+                stat = path.stat()
+                found[key] = StoredObject(key=key, size=stat.st_size, etag=f"{stat.st_mtime_ns}")
+        return found
+
+    def local_path(self, key: str, cache_dir: Path) -> Path:
+        return self.root / key
 
     def put_files(self, items: Sequence[tuple[Path, str]]) -> None:
         for source, key in items:
@@ -407,8 +436,33 @@ class S3Storage(Storage):
         return create_transfer_manager(self.client, config)
 
     @_retried
+    def stat(self, keys: Sequence[str]) -> dict[str, StoredObject]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        def head(key: str) -> StoredObject | None:
+            try:
+                with self._errors("read", key):
+                    answer = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            except FileNotFoundError:
+                return None
+            return StoredObject(key=key, size=answer["ContentLength"], etag=answer["ETag"].strip('"'))
+
+        if not keys:
+            return {}
+        with ThreadPoolExecutor(max_workers=self.settings.max_concurrency, thread_name_prefix="s3-stat") as pool:
+            found = list(pool.map(head, keys))
+        return {o.key: o for o in found if o is not None}
+
+    def local_path(self, key: str, cache_dir: Path) -> Path:
+        return cache_dir / key
+
+    @_retried
     def fetch(
-        self, keys: Sequence[str], cache_dir: Path, on_file: Callable[[str], None] | None = None
+        self,
+        keys: Sequence[str],
+        cache_dir: Path,
+        on_file: Callable[[str], None] | None = None,
+        known: Mapping[str, StoredObject] | None = None,
     ) -> dict[str, Path]:
         """Download `keys` in parallel; files already in `cache_dir` with the same ETag are not downloaded again."""
         from s3transfer.subscribers import BaseSubscriber
@@ -417,7 +471,10 @@ class S3Storage(Storage):
         manifest_path = cache_dir / SYNC_MANIFEST
         manifest: dict[str, str] = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
         wanted = set(keys)
-        listing = {o.key: o for o in self.list() if o.key in wanted} if keys else {}
+        if known is not None and wanted <= known.keys():
+            listing = {key: known[key] for key in wanted}
+        else:
+            listing = {o.key: o for o in self.list() if o.key in wanted} if keys else {}
         missing = wanted - listing.keys()
         if missing:
             raise FileNotFoundError(f"{self.uri(sorted(missing)[0])} does not exist")

@@ -1,15 +1,21 @@
-"""Held-out evaluation at each checkpoint: a deterministic validation loss and a before/after preview grid.
+"""Held-out evaluation at each checkpoint: a deterministic validation loss, the edit score and a preview grid.
 
 The validation loss is the training objective on pairs the LoRA never trained on, with fixed noise and fixed
-timesteps (the mid-quantiles of the training distribution), so values at different steps are comparable and
-the lowest one marks the best checkpoint. The preview runs `FluxKontextPipeline` itself — cached control
-latents and caption embeddings in, a few denoising steps — and lays out control | target | LoRA output.
+timesteps (the mid-quantiles of the training distribution), so values at different steps are comparable. The
+edit score judges what users see: `FluxKontextPipeline` itself runs on each held-out control (cached control
+latents and caption embeddings in, a few denoising steps, a fixed seed) with the LoRA and without it (the base
+model, once per run), and each output is scored by its PSNR in dB against the pair's target. The highest LoRA
+score marks the best checkpoint. The preview lays out control | target | base output | LoRA output.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline
@@ -20,11 +26,35 @@ from kontext_lora.api.spec import TimestepSampling
 from . import flux_math
 from .data.images import fit_image, open_image
 from .encoding import EncodedPair, LatentEncoder, batch_inputs
+from .image_metrics import psnr
 
 log = logging.getLogger(__name__)
 
 PREVIEW_GUIDANCE = 2.5  # FLUX.1-Kontext-dev's recommended guidance at inference
-PREVIEW_CELL = 384  # longest side of each image in the grid: 1024 px training gives a ~1.2k x 0.8k grid per pair
+PREVIEW_CELL = 384  # longest side of each image in the grid: 1024 px training gives a ~1.5k x 0.4k row per pair
+EDIT_METRIC = "PSNR (dB) of FluxKontextPipeline's output against the target, mean over the held-out pairs"
+
+
+@dataclass
+class HeldOutEdits:
+    """The pipeline's outputs on the held-out controls (one per pair, in order) and their edit scores."""
+
+    images: list[Image.Image]
+    scores: list[float]  # PSNR in dB against each pair's target
+
+    @property
+    def score(self) -> float:
+        return float(np.mean(self.scores))
+
+
+@contextmanager
+def adapters_disabled(transformer: torch.nn.Module) -> Iterator[None]:
+    """The base model: the transformer with its LoRA switched off (diffusers' PEFT integration)."""
+    transformer.disable_adapters()
+    try:
+        yield
+    finally:
+        transformer.enable_adapters()
 
 
 class HeldOutSet:
@@ -70,17 +100,16 @@ class HeldOutSet:
         return total / (len(self.inputs) * len(self.sigmas))
 
     @torch.no_grad()
-    def preview(
+    def edits(
         self,
         transformer: torch.nn.Module,
         vae: AutoencoderKL,
         scheduler: FlowMatchEulerDiscreteScheduler,
         accelerator: Accelerator,
         steps: int,
-        title: str,
         seed: int,
-    ) -> Image.Image | None:
-        """Grid with one row per held-out pair: control | target | the pipeline's output with the LoRA."""
+    ) -> HeldOutEdits | None:
+        """Run the pipeline on every held-out control with `transformer` as it is (None without held-out pairs)."""
         if not self.pairs or steps <= 0:
             return None
         pipeline = FluxKontextPipeline(
@@ -95,7 +124,7 @@ class HeldOutSet:
         pipeline.set_progress_bar_config(disable=True)
         was_training = transformer.training
         transformer.eval()
-        rows = []
+        images, scores = [], []
         try:
             for item, inputs in zip(self.pairs, self.inputs, strict=True):
                 height, width = item.latent_hw
@@ -115,27 +144,48 @@ class HeldOutSet:
                         output_type="pil",
                         _auto_resize=False,
                     ).images[0]
-                control = fit_image(open_image(item.pair.control_path), item.pair.bucket)
-                target = fit_image(open_image(item.pair.target_path), item.pair.bucket)
-                rows.append((control, target, output, item.pair.stem))
+                images.append(output)
+                scores.append(psnr(output, self._target(item)))
         finally:
             transformer.train(was_training)
+        return HeldOutEdits(images, scores)
+
+    def base_edits(self, transformer: torch.nn.Module, *args, **kwargs) -> HeldOutEdits | None:
+        """`edits` of the base model (the LoRA switched off)."""
+        with adapters_disabled(transformer):
+            return self.edits(transformer, *args, **kwargs)
+
+    def preview(self, base: HeldOutEdits, lora: HeldOutEdits, title: str) -> Image.Image:
+        """Grid with one row per held-out pair: control | target | base model output | LoRA output."""
+        rows = []
+        for index, item in enumerate(self.pairs):
+            control = fit_image(open_image(item.pair.control_path), item.pair.bucket)
+            cells = [
+                (control, f"{item.pair.stem}: before (control)"),
+                (self._target(item), "after (target)"),
+                (base.images[index], f"base model: {base.scores[index]:.1f} dB"),
+                (lora.images[index], f"LoRA: {lora.scores[index]:.1f} dB"),
+            ]
+            rows.append(cells)
         return _grid(rows, title)
 
+    @staticmethod
+    def _target(item: EncodedPair) -> Image.Image:
+        return fit_image(open_image(item.pair.target_path), item.pair.bucket)
 
-def _grid(rows: list[tuple[Image.Image, Image.Image, Image.Image, str]], title: str) -> Image.Image:
-    rows = [(*(_thumbnail(image) for image in row[:3]), row[3]) for row in rows]
-    cell_w = max(r[0].width for r in rows)
-    cell_h = max(r[0].height for r in rows)
+
+def _grid(rows: list[list[tuple[Image.Image, str]]], title: str) -> Image.Image:
+    rows = [[(_thumbnail(image), label) for image, label in row] for row in rows]
+    cell_w = max(image.width for row in rows for image, _ in row)
+    cell_h = max(image.height for row in rows for image, _ in row)
+    columns = max(len(row) for row in rows)
     header = 24
-    grid = Image.new("RGB", (cell_w * 3, header + (cell_h + header) * len(rows)), "white")
+    grid = Image.new("RGB", (cell_w * columns, header + (cell_h + header) * len(rows)), "white")
     draw = ImageDraw.Draw(grid)
     draw.text((6, 6), title, fill="black")
-    for index, (control, target, output, stem) in enumerate(rows):
+    for index, row in enumerate(rows):
         top = header + index * (cell_h + header)
-        for column, (image, label) in enumerate(
-            ((control, f"{stem}: before (control)"), (target, "after (target)"), (output, "LoRA output"))
-        ):
+        for column, (image, label) in enumerate(row):
             draw.text((column * cell_w + 6, top + 6), label, fill="black")
             grid.paste(image, (column * cell_w, top + header))
     return grid

@@ -78,8 +78,32 @@ app.kubernetes.io/component: operator
 {{- with .Values.storage.endpoint }}
 {{- $_ := set $storage "endpoint" . }}
 {{- end }}
+{{- $prep := .Values.preparation }}
+{{- $preparation := dict
+  "enabled" $prep.enabled
+  "nodeSelector" $prep.nodeSelector
+  "tolerations" $prep.tolerations
+  "cpu" $prep.cpu
+  "memory" $prep.memory
+  "workDirSizeLimit" $prep.workDirSizeLimit
+  "activeDeadlineSeconds" $prep.activeDeadlineSeconds
+  "backoffLimit" $prep.backoffLimit
+  "labels" $prep.podLabels
+  "annotations" $prep.podAnnotations }}
+{{- with $prep.affinity }}
+{{- $_ := set $preparation "affinity" . }}
+{{- end }}
+{{- $hub := dict }}
+{{- with .Values.hub.endpoint }}
+{{- $_ := set $hub "endpoint" . }}
+{{- end }}
+{{- with .Values.hub.tokenSecret.name }}
+{{- $_ := set $hub "tokenSecret" (dict "name" . "key" $.Values.hub.tokenSecret.key) }}
+{{- end }}
 {{- $config := dict
   "trainer" $trainer
+  "preparation" $preparation
+  "hub" $hub
   "gpuClasses" .Values.gpuClasses
   "defaultStorage" $storage
   "watchNamespaces" .Values.watchNamespaces

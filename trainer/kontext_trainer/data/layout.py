@@ -1,14 +1,17 @@
 """Pairing control and target images by file name, from a listing alone (before anything is downloaded).
 
-Every problem is collected — unpaired images, duplicate names, files that are not images, empty files,
-missing captions without a default — and reported together, each line naming the file and what was expected,
-so a user fixes the dataset in one go instead of one error per run.
+Every problem is collected — unpaired images, duplicate names, images in formats the trainer does not read, empty
+files, missing captions without a default — and reported together, each line naming the file and what was
+expected, so a user fixes the dataset in one go instead of one error per run. Files that are neither images nor
+captions (`notes.md`, `metadata.json`, `Thumbs.db`) are not part of the dataset: they are ignored, and named in
+one warning, as hidden files are ignored silently.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from functools import cache
 from pathlib import PurePosixPath
 
 from pydantic import BaseModel, ConfigDict
@@ -17,6 +20,22 @@ from kontext_lora.api.spec import DatasetSpec
 
 from ..storage import StoredObject
 from .images import IMAGE_EXTENSIONS
+
+# Image formats PIL does not register by default, or that cameras and phones write: a file in one of them is an
+# image the user meant to train on (and must convert), never a stray file.
+OTHER_IMAGE_EXTENSIONS = (".heic", ".heif", ".avif", ".svg", ".raw", ".dng", ".cr2", ".cr3", ".nef", ".arw", ".jxl")
+
+
+@cache
+def _image_extensions() -> frozenset[str]:
+    from PIL import Image
+
+    Image.init()
+    return frozenset(Image.registered_extensions()) | frozenset(OTHER_IMAGE_EXTENSIONS)
+
+
+def looks_like_image(suffix: str) -> bool:
+    return suffix.lower() in _image_extensions()
 
 
 class PairFiles(BaseModel):
@@ -37,9 +56,11 @@ def _folder_entries(
     describe: Callable[[str], str],
     problems: list[str],
     broken: set[str],
+    ignored: list[str],
 ) -> tuple[dict[str, StoredObject], dict[str, StoredObject]]:
-    """Images and captions directly in `folder`, by stem; anything else is a problem (stems of bad images
-    go to `broken`, so their partner is not reported as unpaired as well)."""
+    """Images and captions directly in `folder`, by stem; images of other formats and sub-folders are problems
+    (stems of bad images go to `broken`, so their partner is not reported as unpaired as well), other files go to
+    `ignored`."""
     images: dict[str, list[StoredObject]] = defaultdict(list)
     captions: dict[str, StoredObject] = {}
     prefix = folder.strip("/") + "/"
@@ -63,11 +84,14 @@ def _folder_entries(
                 broken.add(relative.stem)
                 continue
             images[relative.stem].append(obj)
-        else:
+        elif looks_like_image(suffix):
             problems.append(
-                f"{describe(obj.key)}: unexpected file type {suffix or '(no extension)'}; expected an image "
-                f"({allowed}) or a caption ({spec.caption_extension})"
+                f"{describe(obj.key)}: unexpected file type {suffix}; expected an image ({allowed}) or a caption "
+                f"({spec.caption_extension}): convert it to PNG"
             )
+            broken.add(relative.stem)
+        else:
+            ignored.append(describe(obj.key))
     unique: dict[str, StoredObject] = {}
     for stem, found in images.items():
         if len(found) > 1:
@@ -81,19 +105,21 @@ def _folder_entries(
 
 def index_pairs(
     objects: Sequence[StoredObject], spec: DatasetSpec, describe: Callable[[str], str]
-) -> tuple[list[PairFiles], list[str]]:
-    """Pairs found in the listing, and the problems that make the dataset unusable (empty when it is fine)."""
+) -> tuple[list[PairFiles], list[str], list[str]]:
+    """Pairs found in the listing, the problems that make the dataset unusable (empty when it is fine), and the
+    files ignored (neither images nor captions)."""
     problems: list[str] = []
     broken: set[str] = set()
-    controls, _ = _folder_entries(objects, spec.control_dir, spec, describe, problems, broken)
-    targets, captions = _folder_entries(objects, spec.target_dir, spec, describe, problems, broken)
+    ignored: list[str] = []
+    controls, _ = _folder_entries(objects, spec.control_dir, spec, describe, problems, broken, ignored)
+    targets, captions = _folder_entries(objects, spec.target_dir, spec, describe, problems, broken, ignored)
     if not controls and not targets and not broken:
         problems.insert(
             0,
             f"no images found in {describe(spec.control_dir + '/')} or {describe(spec.target_dir + '/')} "
             f"(expected pairs of {', '.join(IMAGE_EXTENSIONS)} files with the same name in both folders)",
         )
-        return [], problems
+        return [], problems, ignored
     for stem, control in sorted(controls.items()):
         if stem not in targets and stem not in broken:
             problems.append(
@@ -119,4 +145,4 @@ def index_pairs(
             )
         pairs.append(PairFiles(stem=stem, control=controls[stem], target=targets[stem], caption=caption))
     # Captions beside control images are ignored (ai-toolkit does the same): only targets carry captions.
-    return pairs, problems
+    return pairs, problems, ignored

@@ -2,7 +2,7 @@
 
 It has every component the real model has — `FluxTransformer2DModel` (guidance embedding, one double- and one
 single-stream block), `AutoencoderKL` (4 levels = scale factor 8, 4 latent channels), CLIP and T5 text encoders,
-tokenizers trained on a small built-in corpus, the flow-matching scheduler — so the trainer loads it through the
+tokenizers built from a small built-in corpus, the flow-matching scheduler — so the trainer loads it through the
 same code path as FLUX.1-Kontext-dev. It is small enough to train at 512 px on two CPU cores.
 
 The VAE's `shift_factor`/`scaling_factor` are calibrated on synthetic images so its latents are roughly
@@ -18,6 +18,8 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxKontextPipeline, FluxTransformer2DModel
 from pydantic import BaseModel, ConfigDict
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+from .vocabulary import clip_tokenizer, t5_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +49,12 @@ class TinyModelConfig(BaseModel):
     vae_channels: tuple[int, ...] = (8, 8, 16, 16)
     text_dim: int = 32
     clip_vocab_size: int = 600
-    t5_vocab_size: int = 400
     t5_max_length: int = 512
+    extra_vocabulary: str = ""  # more words for the tokenizers to learn (the toy base's edit instructions)
 
 
-def _corpus() -> list[str]:
-    words = _CORPUS_TEXT.split()
+def _corpus(extra_vocabulary: str = "") -> list[str]:
+    words = (_CORPUS_TEXT + " " + extra_vocabulary).split()
     # Deterministic sentences: every word, and word pairs, so BPE/Unigram learn stable merges.
     lines = [" ".join(words[i : i + 7]) for i in range(0, len(words), 3)]
     lines += [f"{a} {b}," for a, b in zip(words, reversed(words), strict=True)]
@@ -61,23 +63,16 @@ def _corpus() -> list[str]:
 
 
 def build_tokenizers(config: TinyModelConfig) -> tuple[CLIPTokenizer, T5Tokenizer]:
-    """CLIP (byte-level BPE) and T5 (Unigram) tokenizers with the real ones' pipelines, trained on a tiny corpus."""
-    corpus = _corpus()
-    clip = CLIPTokenizer().train_new_from_iterator(corpus, vocab_size=config.clip_vocab_size)
-    clip.model_max_length = 77
-    t5 = T5Tokenizer(extra_ids=0).train_new_from_iterator(
-        corpus, vocab_size=config.t5_vocab_size, unk_token="<unk>", initial_alphabet=_ALPHABET
-    )
-    t5.model_max_length = config.t5_max_length
-    return clip, t5
+    """CLIP (byte-level BPE) and T5 (Unigram) tokenizers with the real ones' pipelines, built deterministically
+    from a small corpus (vocabulary.py)."""
+    corpus = _corpus(config.extra_vocabulary)
+    return clip_tokenizer(corpus, config.clip_vocab_size), t5_tokenizer(corpus, config.t5_max_length)
 
 
-def build_tiny_pipeline(seed: int = 0, config: TinyModelConfig | None = None) -> FluxKontextPipeline:
-    """All components of a FLUX.1-Kontext pipeline, random-initialised from `seed`."""
-    config = config or TinyModelConfig()
-    torch.manual_seed(seed)
-    clip_tokenizer, t5_tokenizer = build_tokenizers(config)
-
+def build_text_encoders(
+    config: TinyModelConfig, clip_tokenizer: CLIPTokenizer, t5_tokenizer: T5Tokenizer
+) -> tuple[CLIPTextModel, T5EncoderModel]:
+    """One-layer CLIP and T5 encoders of width `config.text_dim`, random-initialised (from torch's current seed)."""
     clip = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(clip_tokenizer),
@@ -107,6 +102,15 @@ def build_tiny_pipeline(seed: int = 0, config: TinyModelConfig | None = None) ->
             decoder_start_token_id=t5_tokenizer.pad_token_id,
         )
     )
+    return clip, t5
+
+
+def build_tiny_pipeline(seed: int = 0, config: TinyModelConfig | None = None) -> FluxKontextPipeline:
+    """All components of a FLUX.1-Kontext pipeline, random-initialised from `seed`."""
+    config = config or TinyModelConfig()
+    torch.manual_seed(seed)
+    clip_tokenizer, t5_tokenizer = build_tokenizers(config)
+    clip, t5 = build_text_encoders(config, clip_tokenizer, t5_tokenizer)
     levels = len(config.vae_channels)
     vae = AutoencoderKL(
         in_channels=3,

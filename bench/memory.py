@@ -1,7 +1,8 @@
 """Peak GPU memory of FLUX.1-Kontext-dev LoRA training, measured without a GPU: the trainer's code, full size, meta.
 
-    python -m bench.memory                  # the table of docs/benchmarks.md §5 (512²/1024², rank 32/128, checkpointing
+    python -m bench.memory                  # the table of docs/benchmarks.md §6 (512²/1024², rank 32/128, checkpointing
                                             #   on/off, base bf16/int8/fp8, previews), beside the analytic estimate
+    python -m bench.memory --quick          # the same without the quantized bases' no-checkpointing rows
     python -m bench.memory --table          # measure the admission table and write kontext_lora/api/memory_table.py
     python -m bench.memory --smoke          # tiny config, seconds (CI)
 
@@ -45,6 +46,7 @@ from typing import Any
 import torch
 
 from . import flux
+from .gpu_step import SMOKE_CONFIG
 from .harness import console, load_average, machine, write_result
 from .meta_memory import CudaAutocast, LiveStorages, meta_gpu
 
@@ -70,16 +72,7 @@ FULL_VAE_CONFIG: dict[str, Any] = {
     "mid_block_add_attention": True,
     "force_upcast": True,
 }
-SMOKE_TRANSFORMER: dict[str, Any] = {
-    **flux.FULL_CONFIG,
-    "num_layers": 1,
-    "num_single_layers": 2,
-    "attention_head_dim": 32,
-    "num_attention_heads": 2,
-    "joint_attention_dim": 64,
-    "pooled_projection_dim": 32,
-    "axes_dims_rope": (8, 12, 12),
-}
+SMOKE_TRANSFORMER: dict[str, Any] = SMOKE_CONFIG  # bench.gpu_step's tiny config
 SMOKE_VAE: dict[str, Any] = {
     **FULL_VAE_CONFIG,
     "block_out_channels": (8, 8, 16, 16),
@@ -305,7 +298,8 @@ class MetaTrainer:
             }
 
     def held_out(self, case: Case, preview_steps: int = 2) -> dict[str, Any]:
-        """The checkpoint's held-out loss (batch 1, no grad) and preview (FluxKontextPipeline + VAE decode)."""
+        """The checkpoint's held-out loss (batch 1, no grad) and edits (FluxKontextPipeline + VAE decode: the edit score
+        and the preview grid's images; the base model's edits, adapters disabled, cost the same)."""
         from diffusers import FlowMatchEulerDiscreteScheduler
         from kontext_trainer.model.tiny import kontext_dev_scheduler
         from kontext_trainer.validation import HeldOutSet
@@ -319,7 +313,7 @@ class MetaTrainer:
                 held.loss(self.transformer, accelerator, 1.0)
             scheduler = FlowMatchEulerDiscreteScheduler.from_config(kontext_dev_scheduler().config)
             with tracker.phase("preview"):
-                held.preview(self.transformer, self.vae, scheduler, accelerator, preview_steps, "bench", seed=0)
+                held.edits(self.transformer, self.vae, scheduler, accelerator, preview_steps, seed=0)
             return {"static": static, "peak": tracker.peak, "phases": dict(tracker.phase_peaks)}
 
     def vae_encode(self, case: Case) -> dict[str, Any]:
@@ -346,13 +340,16 @@ def analytic(case: Case, config: dict[str, Any]) -> float:
 # ---- the issue's table ------------------------------------------------------------------------------------------
 
 
-def report_cases() -> list[Case]:
+def report_cases(quick: bool = False) -> list[Case]:
+    """512²/1024² x rank 32/128 x checkpointing on/off x base bf16/int8/fp8; `quick`: the quantized bases with
+    checkpointing only (without it no 1024² job fits 48 GB whatever the base)."""
     cases = []
     for base in ("bf16", "int8", "fp8"):
         for resolution in (512, 1024):
             for rank in (32, 128):
                 for checkpointing in (True, False):
-                    cases.append(Case(resolution, rank, checkpointing=checkpointing, base=base))
+                    if not (quick and base != "bf16" and not checkpointing):
+                        cases.append(Case(resolution, rank, checkpointing=checkpointing, base=base))
     return cases
 
 
@@ -407,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="Tiny config, seconds (CI).")
     parser.add_argument("--table", action="store_true", help="Measure the admission table and write it.")
+    parser.add_argument("--quick", action="store_true", help="The table without the quantized no-checkpointing rows.")
     parser.add_argument("--dry-run", action="store_true", help="With --table: the tiny config, nothing written.")
     parser.add_argument("--reuse", type=Path, default=None, help="With --table: an earlier --json's steps.")
     parser.add_argument("--json", type=Path, default=None, help="Also write the figures here.")
@@ -438,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             trainer = MetaTrainer(flux.FULL_CONFIG, FULL_VAE_CONFIG, T5_TOKENS, Path(workdir))
             previews = [Case(resolution, rank) for resolution in (512, 1024) for rank in (32, 128)]
-            result = run_report(trainer, flux.FULL_CONFIG, report_cases(), previews)
+            result = run_report(trainer, flux.FULL_CONFIG, report_cases(args.quick), previews)
     if not args.table:
         print_report(result)
     result["seconds"] = time.perf_counter() - began

@@ -76,7 +76,10 @@ def test_the_table_covers_every_setting_the_spec_allows() -> None:
     from kontext_lora.api.spec import DatasetSpec, TargetModules
 
     resolutions = DatasetSpec.model_fields["resolution"].annotation.__args__
-    for resolution in resolutions:
+    assert memory.measured_resolution(256) == 512  # below the smallest measured: bounded by it
+    for wanted in resolutions:
+        resolution = memory.measured_resolution(wanted)
+        assert resolution >= wanted
         assert resolution in memory_table.PREVIEW and resolution in memory_table.VAE_ENCODE
         for checkpointing in (True, False):
             assert (resolution, checkpointing) in memory_table.MATH_EXTRA

@@ -172,3 +172,21 @@ def assert_same_lora(resumed: dict[str, torch.Tensor], uninterrupted: dict[str, 
     assert resumed.keys() == uninterrupted.keys()
     for key in resumed:
         torch.testing.assert_close(resumed[key], uninterrupted[key], rtol=0, atol=1e-6)
+
+
+def random_inputs(config: Any, batch: int, latent_hw: tuple[int, int], text_tokens: int, generator) -> Any:
+    """Random `flux_math.KontextInputs` for a transformer with `config`: a target and a same-size control of
+    `latent_hw` latents (packed 2x2), `text_tokens` T5 tokens; drawn in that order from `generator`."""
+    import torch
+    from kontext_trainer import flux_math
+
+    tokens = (latent_hw[0] // 2) * (latent_hw[1] // 2)
+    channels = config.in_channels
+    return flux_math.KontextInputs(
+        target=torch.randn(batch, tokens, channels, generator=generator),
+        control=torch.randn(batch, tokens, channels, generator=generator),
+        prompt_embeds=torch.randn(batch, text_tokens, config.joint_attention_dim, generator=generator),
+        pooled_prompt_embeds=torch.randn(batch, config.pooled_projection_dim, generator=generator),
+        img_ids=flux_math.kontext_image_ids(latent_hw, latent_hw),
+        txt_ids=flux_math.text_ids(text_tokens),
+    )

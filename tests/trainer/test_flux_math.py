@@ -18,6 +18,8 @@ from kontext_trainer.storage import S3Settings
 
 from kontext_lora.api.spec import ModelSpec, TimestepSampling
 
+from .helpers import random_inputs
+
 
 @pytest.fixture(scope="module")
 def pipeline(tiny_model: Path) -> FluxKontextPipeline:
@@ -195,15 +197,7 @@ def test_weighted_sampling_reproduces_ai_toolkits_weighted_timesteps() -> None:
 def test_weighted_loss_weights_each_samples_mse(tiny_model: Path) -> None:
     transformer = load_transformer(tiny_model, torch.float32, torch.device("cpu")).eval()
     generator = torch.Generator().manual_seed(4)
-    channels = transformer.config.in_channels
-    inputs = flux_math.KontextInputs(
-        target=torch.randn(2, 16, channels, generator=generator),
-        control=torch.randn(2, 16, channels, generator=generator),
-        prompt_embeds=torch.randn(2, 5, transformer.config.joint_attention_dim, generator=generator),
-        pooled_prompt_embeds=torch.randn(2, transformer.config.pooled_projection_dim, generator=generator),
-        img_ids=flux_math.kontext_image_ids((8, 8), (8, 8)),
-        txt_ids=flux_math.text_ids(5),
-    )
+    inputs = random_inputs(transformer.config, 2, (8, 8), 5, generator)
     noise = torch.randn(inputs.target.shape, generator=generator)
     sigmas = torch.tensor([0.2, 0.9])
     with torch.no_grad():

@@ -15,6 +15,8 @@ from kontext_trainer.model.speed import configure_speed, require_supported_atten
 
 from kontext_lora.api.spec import AttentionBackend, LoraSpec
 
+from .helpers import random_inputs
+
 # fp32 throughout: the kernels differ only in the order of their sums (flash's online softmax, fused kernels), so
 # the loss and gradients agree to a few float32 ulps of their ~100-term reductions; 1e-5 relative is 100x that and
 # still far below what a wrong kernel, a skipped LoRA or a lost gradient changes (order 1e-1 on this model).
@@ -33,15 +35,7 @@ def _loss_and_grads(model: Path, attention: AttentionBackend, compiled: bool) ->
     # AOT-autograd joint graph of the blocks (LoRA layers and checkpointing inside) with eager kernels.
     configure_speed(transformer, attention, compiled, **({"backend": "aot_eager"} if compiled else {}))
     generator = torch.Generator().manual_seed(3)
-    channels = transformer.config.in_channels
-    inputs = flux_math.KontextInputs(
-        target=torch.randn(2, 64, channels, generator=generator),
-        control=torch.randn(2, 64, channels, generator=generator),
-        prompt_embeds=torch.randn(2, 7, transformer.config.joint_attention_dim, generator=generator),
-        pooled_prompt_embeds=torch.randn(2, transformer.config.pooled_projection_dim, generator=generator),
-        img_ids=flux_math.kontext_image_ids((16, 16), (16, 16)),
-        txt_ids=flux_math.text_ids(7),
-    )
+    inputs = random_inputs(transformer.config, 2, (16, 16), 7, generator)
     noise = torch.randn(inputs.target.shape, generator=generator)
     loss = flux_math.flow_matching_loss(transformer, inputs, noise, torch.tensor([0.3, 0.8]))
     loss.backward()
@@ -87,15 +81,7 @@ def test_skipping_peft_input_casts_under_autocast_changes_no_number(tiny_model: 
                 assert module.cast_input_dtype_enabled is False
                 module.cast_input_dtype_enabled = cast
         generator = torch.Generator().manual_seed(5)
-        channels = transformer.config.in_channels
-        inputs = flux_math.KontextInputs(
-            target=torch.randn(1, 64, channels, generator=generator),
-            control=torch.randn(1, 64, channels, generator=generator),
-            prompt_embeds=torch.randn(1, 7, transformer.config.joint_attention_dim, generator=generator),
-            pooled_prompt_embeds=torch.randn(1, transformer.config.pooled_projection_dim, generator=generator),
-            img_ids=flux_math.kontext_image_ids((16, 16), (16, 16)),
-            txt_ids=flux_math.text_ids(7),
-        ).to("cpu", torch.bfloat16)
+        inputs = random_inputs(transformer.config, 1, (16, 16), 7, generator).to("cpu", torch.bfloat16)
         noise = torch.randn(inputs.target.shape, generator=generator).bfloat16()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = flux_math.flow_matching_loss(transformer, inputs, noise, torch.tensor([0.6]))

@@ -1,355 +1,286 @@
-"""Recipe ablation: the same job trained under each timestep scheme, with and without caption dropout, over seeds.
+"""Recipe ablation on the toy base: each recipe option trained by the real trainer, scored by the edit it performs.
 
-    python -m bench.recipe_ablation                                  # the tiny model, the demo's pairs (~30 min)
-    python -m bench.recipe_ablation --model DIR --steps 300 --seeds 5
-    python -m bench.recipe_ablation --score mypackage.scores:edit_psnr   # a score of your own (repeatable)
-    python -m bench.recipe_ablation --smoke                          # seconds (CI)
+    python -m bench.recipe_ablation                          # every variant, training seeds 42 and 1 (~50 min, 2 cores)
+    python -m bench.recipe_ablation --variants default,weighted --seeds 42,1,7 --workers 2
+    python -m bench.recipe_ablation --smoke                  # two variants, a few steps (CI)
 
-Every run is a real `kontext-lora train` run (in-process, `run_training`) of one job (default:
-examples/local-demo.yaml on a given base model, default the tiny model) with `training.timestepSampling`,
-`training.captionDropout` and `training.seed` set; everything else is the job's. Each finished LoRA is then loaded
-into `FluxKontextPipeline` (`load_lora_weights`, as users load it) and scored on the run's held-out pairs.
+The world is the toy base's (model/toy, docs/toy-base.md): a small FLUX.1-Kontext in the real diffusers classes
+that performs brighter/darker/warmer/cooler but not the job's edit, "remove the coloured shape". Every run is a
+real `kontext-lora train` run (in-process `run_training`) of the demo's recipe as tests/trainer/test_edit.py
+trains it (10 generated pairs, one held out, 256 px, rank 16, learning rate 3e-3, 150 steps, fp32 on the CPU) with
+one option changed. The finished LoRA is loaded into `FluxKontextPipeline` with `load_lora_weights`, as users load
+it, and run on four scenes no run trained on (seeds 5000-5003); the edit score is the mean PSNR in dB of the
+output against the true "after" image (20 inference steps, generator seed 0). The base model's score (no LoRA) is
+measured once.
 
-Scores are pluggable: a callable `score(run: AblationRun) -> float`, with optional attributes `label` and
-`higher_is_better` (default False). Built in, both measured on the held-out pairs with fixed noise, the same for
-every scheme (the trainer's own held-out loss uses each scheme's timesteps, so it cannot compare schemes):
-
-- `inference_loss`: the flow-matching loss at the sigmas FluxKontextPipeline denoises with (28 steps, the bucket's
-  dynamic shift) — the error that sampling accumulates;
-- `uniform_loss`: the same loss at 16 timesteps uniform in (0, 1).
-
-An edit score (e.g. PSNR of the pipeline's output against the target) plugs in the same way: `AblationRun` has the
-LoRA, the model folder, the job and the held-out pairs' files.
-
-The table: per scheme and caption dropout, each score's mean ± standard deviation over the seeds, and the mean
-paired difference from the default recipe (`shift`, no dropout) with its standard error — the seeds are shared, so
-the comparison is paired (same LoRA init, batch order and held-out pairs).
+Reported per variant: the mean and spread of the edit score over the training seeds, and the mean paired
+difference from `default` (same training seed: same LoRA initialisation, batch order and noise draws where the
+option leaves them alone) with its standard error. Runs go to `--workers` processes of one thread each.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import json
 import math
+import os
 import statistics
 import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 from .harness import console, load_average, machine, write_result
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_JOB = REPO / "examples" / "local-demo.yaml"
-SCHEMES = ("shift", "flux_shift", "sigmoid", "uniform", "weighted")
-DROPOUTS = (0.0, 0.05)
-BASELINE = ("shift", 0.0)
+TRIGGER = "RMV,"
+EVALUATION_SEEDS = range(5000, 5004)  # scenes the training pairs (seeds 2024 + i) never use
+SIZE = 256
+INFERENCE_STEPS = 20
+STEPS = 150
+PAIRS = 10
+
+# name -> (what it changes, the spec sections it overrides). `default` is the product's recipe.
+VARIANTS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
+    "default": ("timestepSampling shift (3.0), no caption dropout, attention+MLP targets", {}),
+    "sigmoid": ("timestepSampling: sigmoid (ai-toolkit's default)", {"training": {"timestepSampling": "sigmoid"}}),
+    "flux_shift": (
+        "timestepSampling: flux_shift (the bucket's dynamic shift)",
+        {"training": {"timestepSampling": "flux_shift"}},
+    ),
+    "weighted": (
+        "timestepSampling: weighted (ai-toolkit's Kontext example)",
+        {"training": {"timestepSampling": "weighted"}},
+    ),
+    "uniform": ("timestepSampling: uniform", {"training": {"timestepSampling": "uniform"}}),
+    "caption_dropout": ("captionDropout: 0.05 (ai-toolkit's)", {"training": {"captionDropout": 0.05}}),
+    "modulation": ("lora.modulation: true (AdaLN projections too)", {"lora": {"modulation": True}}),
+    "lr_1e-3": ("learningRate: 1e-3", {"training": {"learningRate": 1.0e-3}}),
+    "modulation_lr_1e-3": (
+        "lora.modulation: true and learningRate: 1e-3",
+        {"lora": {"modulation": True}, "training": {"learningRate": 1.0e-3}},
+    ),
+    "rank_32": ("lora.rank: 32", {"lora": {"rank": 32}}),
+}
+DEFAULT_VARIANTS = ("default", "sigmoid", "flux_shift", "weighted", "caption_dropout", "modulation")
 
 
-@dataclass
-class AblationRun:
-    """One finished run, what a score needs."""
+def job_document(name: str, model_dir: Path, pairs: Path, output: Path, steps: int, seed: int, variant: str) -> dict:
+    spec: dict[str, dict[str, Any]] = {
+        "model": {"base": str(model_dir), "dtype": "fp32"},
+        "dataset": {
+            "uri": pairs.as_uri() + "/",
+            "triggerWord": TRIGGER,
+            "defaultCaption": "remove the coloured shape",
+            "resolution": SIZE,
+            "heldOutPairs": 1,
+        },
+        "lora": {"rank": 16},
+        "training": {"steps": steps, "learningRate": 3.0e-3, "gradientCheckpointing": False, "seed": seed},
+        "checkpoints": {"saveEvery": steps, "keep": 1},
+        "output": {"uri": output.as_uri() + "/", "name": "lora"},
+    }
+    for section, values in VARIANTS[variant][1].items():
+        spec[section] = {**spec[section], **values}
+    return {
+        "apiVersion": "kontext-lora.io/v1alpha1",
+        "kind": "KontextLoRAJob",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
 
-    scheme: str
-    caption_dropout: float
+
+@dataclass(frozen=True)
+class Scoring:
+    scenes: tuple[int, ...] = tuple(EVALUATION_SEEDS)
+    inference_steps: int = INFERENCE_STEPS
+
+
+SMOKE_SCORING = Scoring(scenes=(EVALUATION_SEEDS[0],), inference_steps=2)
+
+
+@dataclass(frozen=True)
+class Task:
+    variant: str
     seed: int
-    lora: Path
+    steps: int
     model_dir: Path
-    job: Any  # kontext_lora.api.KontextLoRAJob as it ran
-    work_dir: Path
-    held_out_stems: list[str]
-    validation_loss: float | None  # the trainer's own (scheme-specific) held-out loss
-    scores: dict[str, float] = field(default_factory=dict)
+    pairs: Path
+    root: Path
+    scoring: Scoring = Scoring()
 
 
-Score = Callable[[AblationRun], float]
-
-
-# ---- the built-in scores: held-out flow-matching loss at scheme-independent timesteps ---------------------------
-
-
-def _held_out_losses(run: AblationRun, sigmas_for: Callable[[int], Any]) -> float:
-    """Mean loss of the LoRA as diffusers loads it, over held-out pairs x `sigmas_for(target tokens)`."""
-    import torch
-    from kontext_trainer import flux_math
-    from kontext_trainer.data.dataset import prepare_dataset
-    from kontext_trainer.encoding import DatasetEncoder, batch_inputs
-    from kontext_trainer.storage import LocalStorage, Location
-
-    spec = run.job.spec
-    storage = LocalStorage(Location.parse(spec.dataset.uri))
-    pairs, _ = prepare_dataset(storage, spec.dataset, run.work_dir / "dataset", show_progress=False)
-    held = [p for p in pairs if p.stem in run.held_out_stems]
-    encoder = DatasetEncoder(run.model_dir, run.work_dir / "cache", torch.device("cpu"), torch.float32, torch.float32)
-    encoded, _ = encoder.encode(held, cache_latents=True, keep_vae=False, show_progress=False)
-    pipeline = _pipeline(run.model_dir)
-    pipeline.load_lora_weights(str(run.lora), adapter_name="ablation")
-    transformer = pipeline.transformer.eval()
-    generator = torch.Generator().manual_seed(1234)  # the same noise for every run
-    total, count = 0.0, 0
-    try:
-        with torch.no_grad():
-            for item in encoded:
-                inputs = batch_inputs([item], None)
-                for sigma in sigmas_for(inputs.target.shape[1]):
-                    noise = torch.randn(inputs.target.shape, generator=generator)
-                    loss = flux_math.flow_matching_loss(
-                        transformer, inputs, noise, torch.tensor([float(sigma)]), spec.training.guidance_scale
-                    )
-                    total, count = total + float(loss), count + 1
-    finally:
-        pipeline.unload_lora_weights()
-    return total / count
-
-
-_PIPELINES: dict[Path, Any] = {}
-
-
-def _pipeline(model_dir: Path) -> Any:
+def edit_score(model_dir: Path, lora: Path | None, scoring: Scoring = Scoring()) -> float:
+    """Mean PSNR (dB) against the true "after" image of the pipeline's output on the evaluation scenes."""
+    import numpy as np
     from diffusers import FluxKontextPipeline
+    from kontext_trainer.data.synthetic import render_pair
+    from kontext_trainer.image_metrics import psnr
+    from kontext_trainer.model.toy.evaluate import run_edit
 
-    if model_dir not in _PIPELINES:
-        _PIPELINES[model_dir] = FluxKontextPipeline.from_pretrained(model_dir)
-        _PIPELINES[model_dir].set_progress_bar_config(disable=True)
-    return _PIPELINES[model_dir]
+    pipeline = FluxKontextPipeline.from_pretrained(model_dir)
+    pipeline.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipeline.load_lora_weights(str(lora), adapter_name="ablation")
+    scores = []
+    for seed in scoring.scenes:
+        control, target, instruction = render_pair(seed, SIZE)
+        scores.append(psnr(run_edit(pipeline, control, f"{TRIGGER} {instruction}", scoring.inference_steps), target))
+    return float(np.mean(scores))
 
 
-def inference_loss(run: AblationRun) -> float:
+def run_task(task: Task) -> dict[str, Any]:
+    """Train one (variant, seed) and score its LoRA; in a worker process of one thread."""
+    import warnings
+
     import torch
-    from kontext_trainer import flux_math
-    from kontext_trainer.model.load import load_scheduler
-
-    dynamic = flux_math.DynamicShift.from_scheduler_config(load_scheduler(run.model_dir).config)
-    steps = 28  # FluxKontextPipeline's default num_inference_steps
-    linear = torch.linspace(1.0, 1 / steps, steps)
-    return _held_out_losses(run, lambda tokens: flux_math.shift_timesteps(linear, dynamic.shift(tokens)))
-
-
-inference_loss.label = "held-out loss at the pipeline's sigmas"  # type: ignore[attr-defined]
-
-
-def uniform_loss(run: AblationRun) -> float:
-    from kontext_trainer import flux_math
-
-    return _held_out_losses(run, lambda _tokens: flux_math.stratified_sigmas(16, "uniform"))
-
-
-uniform_loss.label = "held-out loss at uniform t"  # type: ignore[attr-defined]
-BUILT_IN: dict[str, Score] = {"inference_loss": inference_loss, "uniform_loss": uniform_loss}
-
-
-def load_score(name: str) -> Score:
-    """A built-in score by name, or `package.module:function`."""
-    if name in BUILT_IN:
-        return BUILT_IN[name]
-    module, _, attribute = name.partition(":")
-    if not attribute:
-        raise SystemExit(f"--score {name!r}: expected one of {sorted(BUILT_IN)} or package.module:function")
-    return getattr(importlib.import_module(module), attribute)
-
-
-def score_label(name: str, score: Score) -> str:
-    return getattr(score, "label", name)
-
-
-# ---- running ------------------------------------------------------------------------------------------------
-
-
-def train(
-    base_job: dict[str, Any], model_dir: Path, root: Path, scheme: str, dropout: float, seed: int, steps: int
-) -> AblationRun:
     import yaml
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    from diffusers.utils import logging as diffusers_logging
     from kontext_trainer.errors import ExitCode
     from kontext_trainer.main import run_training
     from kontext_trainer.settings import TrainerSettings
 
-    from kontext_lora.api import load_job_file
-
-    name = f"{scheme.replace('_', '-')}-d{round(dropout * 100):02d}-s{seed}"
-    folder = root / name
-    document = json.loads(json.dumps(base_job))
-    spec = document["spec"]
-    spec.setdefault("model", {})["base"] = str(model_dir)
-    spec.setdefault("training", {}).update(
-        timestepSampling=scheme, captionDropout=dropout, seed=seed, steps=steps, gradientCheckpointing=False
-    )
-    spec["checkpoints"] = {"saveEvery": steps, "keep": 1}
-    spec["output"] = {"uri": (folder / "out").as_uri() + "/", "name": "lora"}
-    document["metadata"]["name"] = name
+    diffusers_logging.set_verbosity_error()
+    name = f"{task.variant.replace('_', '-').lower()}-s{task.seed}"
+    folder = task.root / name
     folder.mkdir(parents=True, exist_ok=True)
     job_file = folder / "job.yaml"
+    document = job_document(name, task.model_dir, task.pairs, folder / "out", task.steps, task.seed, task.variant)
     job_file.write_text(yaml.safe_dump(document, sort_keys=False))
-    # Every run encodes the same pairs with the same model: one shared encoding cache (keyed by model and pair).
-    (folder / "work").mkdir(parents=True, exist_ok=True)
-    (root / "cache").mkdir(exist_ok=True)
-    if not (folder / "work" / "cache").exists():
-        (folder / "work" / "cache").symlink_to(root / "cache", target_is_directory=True)
     settings = TrainerSettings(
-        work_dir=folder / "work", base_dir=folder, model_cache=root / "models", preview_steps=0, show_progress=False
+        work_dir=folder / "work", base_dir=folder, model_cache=folder / "models", preview_steps=0, show_progress=False
     )
+    began = time.perf_counter()
     code = run_training(job_file=job_file, settings=settings)
     if code != ExitCode.OK:
-        raise RuntimeError(f"{name}: the training run failed with exit code {code} (log above)")
-    validation = json.loads(next((folder / "out" / "checkpoints").glob("step-*/validation.json")).read_text())
-    return AblationRun(
-        scheme=scheme,
-        caption_dropout=dropout,
-        seed=seed,
-        lora=folder / "out" / "lora.safetensors",
-        model_dir=model_dir,
-        job=load_job_file(job_file),
-        work_dir=folder / "work",
-        held_out_stems=sorted(set(validation["heldOutPairs"])),
-        validation_loss=validation["validationLoss"],
-    )
+        raise RuntimeError(f"{name}: the training run failed with exit code {code}")
+    trained = time.perf_counter() - began
+    score = edit_score(task.model_dir, folder / "out" / "lora.safetensors", task.scoring)
+    return {
+        "variant": task.variant,
+        "seed": task.seed,
+        "edit_score": score,
+        "train_seconds": trained,
+        "score_seconds": time.perf_counter() - began - trained,
+    }
 
 
-def summarise(runs: list[AblationRun], names: list[str]) -> list[dict[str, Any]]:
-    """Per (scheme, dropout): mean ± std of each score, and the paired difference from the baseline recipe."""
-    baseline = {r.seed: r for r in runs if (r.scheme, r.caption_dropout) == BASELINE}
+def summarise(runs: list[dict[str, Any]], base_score: float) -> list[dict[str, Any]]:
+    """Per variant: mean ± std over seeds, and the paired difference from `default` ± its standard error."""
+    default = {r["seed"]: r["edit_score"] for r in runs if r["variant"] == "default"}
     rows = []
-    for key in dict.fromkeys((r.scheme, r.caption_dropout) for r in runs):
-        group = [r for r in runs if (r.scheme, r.caption_dropout) == key]
-        row: dict[str, Any] = {"scheme": key[0], "caption_dropout": key[1], "seeds": [r.seed for r in group]}
-        for name in names:
-            values = [r.scores[name] for r in group]
-            differences = [r.scores[name] - baseline[r.seed].scores[name] for r in group if r.seed in baseline]
-            row[name] = {
+    for variant in dict.fromkeys(r["variant"] for r in runs):
+        group = [r for r in runs if r["variant"] == variant]
+        values = [r["edit_score"] for r in group]
+        differences = [r["edit_score"] - default[r["seed"]] for r in group if r["seed"] in default]
+        rows.append(
+            {
+                "variant": variant,
+                "change": VARIANTS[variant][0],
+                "seeds": [r["seed"] for r in group],
                 "values": values,
                 "mean": statistics.fmean(values),
                 "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-                "vs_baseline": statistics.fmean(differences) if differences else None,
-                "vs_baseline_se": statistics.stdev(differences) / math.sqrt(len(differences))
-                if len(differences) > 1
+                "over_base": statistics.fmean(values) - base_score,
+                "vs_default": statistics.fmean(differences) if differences and variant != "default" else None,
+                "vs_default_se": statistics.stdev(differences) / math.sqrt(len(differences))
+                if len(differences) > 1 and variant != "default"
                 else None,
             }
-        rows.append(row)
+        )
     return rows
 
 
-def print_table(rows: list[dict[str, Any]], names: list[str], labels: dict[str, str], better: dict[str, bool]) -> None:
+def print_table(rows: list[dict[str, Any]], base_score: float) -> None:
     from rich.table import Table
 
-    table = Table(title="recipe ablation (mean ± std over seeds; Δ = paired difference from shift, no dropout ± s.e.)")
-    table.add_column("timesteps")
-    table.add_column("caption dropout", justify="right")
-    for name in names:
-        arrow = "↑" if better[name] else "↓"
-        table.add_column(f"{labels[name]} {arrow}", justify="right")
-        table.add_column("Δ", justify="right")
+    table = Table(
+        title=f"recipe ablation on the toy base: edit score, PSNR dB vs target (base model {base_score:.2f} dB)"
+    )
+    for column in ("variant", "change", "seeds", "edit score (mean ± std)", "over base", "Δ vs default (± s.e.)"):
+        table.add_column(column, justify="left" if column in ("variant", "change") else "right")
     for row in rows:
-        cells = [row["scheme"], f"{row['caption_dropout']:g}"]
-        for name in names:
-            stat = row[name]
-            cells.append(f"{stat['mean']:.4f} ± {stat['std']:.4f}")
-            delta = stat["vs_baseline"]
-            se = stat["vs_baseline_se"]
-            if delta is None or (row["scheme"], row["caption_dropout"]) == BASELINE:
-                cells.append("—")
-            else:
-                cells.append(f"{delta:+.4f}" + (f" ± {se:.4f}" if se is not None else ""))
-        table.add_row(*cells)
+        delta = row["vs_default"]
+        table.add_row(
+            row["variant"],
+            row["change"],
+            ",".join(map(str, row["seeds"])),
+            f"{row['mean']:.2f} ± {row['std']:.2f}",
+            f"{row['over_base']:+.2f}",
+            "—"
+            if delta is None
+            else f"{delta:+.2f}" + (f" ± {row['vs_default_se']:.2f}" if row["vs_default_se"] is not None else ""),
+        )
     console.print(table)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.recipe_ablation", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", type=Path, default=None, help="Base model folder (default: the tiny model).")
-    parser.add_argument("--job", type=Path, default=DEMO_JOB, help="The job to train (its dataset, rank, LR...).")
-    parser.add_argument("--steps", type=int, default=None, help="Steps per run (default 200; smoke 4).")
-    parser.add_argument("--seeds", type=int, default=None, help="Seeds per recipe (default 3; smoke 1).")
-    parser.add_argument("--schemes", default=",".join(SCHEMES), help="Timestep schemes, comma-separated.")
-    parser.add_argument(
-        "--caption-dropout", default=",".join(f"{d:g}" for d in DROPOUTS), help="Caption-dropout values."
-    )
-    parser.add_argument("--score", action="append", default=None, help="Score (repeatable): a built-in or module:fn.")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"Comma-separated, of {list(VARIANTS)}.")
+    parser.add_argument("--seeds", default="42,1", help="Training seeds (spec.training.seed), comma-separated.")
+    parser.add_argument("--steps", type=int, default=None, help=f"Steps per run (default {STEPS}; smoke 2).")
+    parser.add_argument("--workers", type=int, default=1, help="Runs at once, one thread each.")
+    parser.add_argument("--model", type=Path, default=None, help="Base model folder (default: the toy base).")
     parser.add_argument("--work-dir", type=Path, default=None, help="Keep the runs here (default: a temp folder).")
-    parser.add_argument("--smoke", action="store_true", help="Two recipes, one seed, a few steps (CI).")
+    parser.add_argument(
+        "--smoke", action="store_true", help="default and weighted, one seed, 2 steps, one scene at 2 steps (CI)."
+    )
     parser.add_argument("--json", type=Path, default=None, help="Also write the figures here.")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import yaml
-    from diffusers.utils import logging as diffusers_logging
     from kontext_trainer.data.synthetic import write_example_pairs
-    from kontext_trainer.demo import ensure_example_pairs, ensure_tiny_model
-    from kontext_trainer.storage import Location
+    from kontext_trainer.demo import ensure_toy_base
 
-    from kontext_lora.api import load_job_file
-
-    diffusers_logging.set_verbosity_error()
-    warnings.filterwarnings("ignore")
-    schemes = ["shift", "weighted"] if args.smoke else args.schemes.split(",")
-    dropouts = [0.0, 0.5] if args.smoke else [float(d) for d in args.caption_dropout.split(",")]
-    steps = args.steps or (2 if args.smoke else 200)
-    seeds = list(range(args.seeds or (1 if args.smoke else 3)))
-    names = args.score or ["inference_loss", "uniform_loss"]
-    scores = {name: load_score(name) for name in names}
-    labels = {name: score_label(name, score) for name, score in scores.items()}
-    better = {name: bool(getattr(score, "higher_is_better", False)) for name, score in scores.items()}
-    model_dir = (args.model or ensure_tiny_model()).resolve()
-    job = load_job_file(args.job)
-    base_job = yaml.safe_load(args.job.read_text())
-    smoke_pairs = tempfile.TemporaryDirectory() if args.smoke else None
-    if smoke_pairs is not None:  # three small pairs (two to train on, one held out): seconds per run
-        pairs = write_example_pairs(Path(smoke_pairs.name) / "pairs", count=3)
-        base_job["spec"]["dataset"].update(uri=pairs.as_uri() + "/", heldOutPairs=1)
-    elif job.spec.dataset.uri.startswith("file://"):  # relative to the job file; the demo's pairs: made on first use
-        pairs = Path(Location.parse(job.spec.dataset.uri, args.job.resolve().parent).prefix)
-        if args.job.resolve() == DEMO_JOB:
-            ensure_example_pairs(job, pairs)
-        base_job["spec"]["dataset"]["uri"] = pairs.as_uri() + "/"
+    variants = ["default", "weighted"] if args.smoke else args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
+    seeds = [42] if args.smoke else [int(s) for s in args.seeds.split(",")]
+    steps = args.steps or (2 if args.smoke else STEPS)
+    model_dir = (args.model or ensure_toy_base()).resolve()
     console.print(
-        f"[bold]recipe ablation[/] on {machine()}; load {load_average()}; model {model_dir}; job {args.job.name}; "
-        f"{steps} steps; schemes {schemes}; caption dropout {dropouts}; seeds {seeds}; scores {list(labels.values())}"
+        f"[bold]recipe ablation[/] on {machine()}; load {load_average()}; model {model_dir}; {steps} steps; "
+        f"variants {variants}; seeds {seeds}; {args.workers} worker(s)"
     )
     began = time.perf_counter()
-    runs: list[AblationRun] = []
     with tempfile.TemporaryDirectory() as temporary:
-        root = args.work_dir or Path(temporary)
-        for seed in seeds:
-            for scheme in schemes:
-                for dropout in dropouts:
-                    started = time.perf_counter()
-                    run = train(base_job, model_dir, root, scheme, dropout, seed, steps)
-                    run.scores = {name: float(score(run)) for name, score in scores.items()}
-                    runs.append(run)
-                    console.print(
-                        f"  {scheme:10s} dropout {dropout:<4g} seed {seed}: "
-                        + ", ".join(f"{labels[n]} {v:.4f}" for n, v in run.scores.items())
-                        + f" ({time.perf_counter() - started:.0f} s)"
-                    )
-    rows = summarise(runs, names)
-    print_table(rows, names, labels, better)
+        root = (args.work_dir or Path(temporary)).resolve()
+        pairs = write_example_pairs(root / "pairs", count=PAIRS)
+        scoring = SMOKE_SCORING if args.smoke else Scoring()
+        tasks = [Task(v, s, steps, model_dir, pairs, root, scoring) for s in seeds for v in variants]
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        runs: list[dict[str, Any]] = []
+        with ProcessPoolExecutor(max_workers=args.workers, mp_context=get_context("spawn")) as pool:
+            scored = pool.submit(edit_score, model_dir, None, scoring)
+            for run in pool.map(run_task, tasks):
+                runs.append(run)
+                console.print(
+                    f"  {run['variant']:16s} seed {run['seed']:3d}: edit score {run['edit_score']:.2f} dB "
+                    f"(train {run['train_seconds']:.0f} s, score {run['score_seconds']:.0f} s; load {load_average()})"
+                )
+            base_score = scored.result()
+    rows = summarise(runs, base_score)
+    print_table(rows, base_score)
     seconds = time.perf_counter() - began
     console.print(f"{len(runs)} runs in {seconds:.0f} s; load {load_average()}")
     write_result(
         args.json,
         {
             "model": str(model_dir),
-            "job": str(args.job),
             "steps": steps,
-            "scores": labels,
+            "base_score": base_score,
             "rows": rows,
-            "runs": [
-                {
-                    "scheme": r.scheme,
-                    "caption_dropout": r.caption_dropout,
-                    "seed": r.seed,
-                    "scores": r.scores,
-                    "validation_loss": r.validation_loss,
-                    "held_out": r.held_out_stems,
-                }
-                for r in runs
-            ],
+            "runs": runs,
             "seconds": seconds,
+            "load": load_average(),
         },
     )
     return 0

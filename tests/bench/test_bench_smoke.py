@@ -64,18 +64,10 @@ def test_gpu_step_speed_options_smoke(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_recipe_ablation_smoke(tmp_path: Path) -> None:
     output, result = run_bench("recipe_ablation", tmp_path)
-    assert "recipe ablation" in output
-    assert {(row["scheme"], row["caption_dropout"]) for row in result["rows"]} == {
-        ("shift", 0.0),
-        ("shift", 0.5),
-        ("weighted", 0.0),
-        ("weighted", 0.5),
-    }
-    for row in result["rows"]:
-        for score in ("inference_loss", "uniform_loss"):
-            assert row[score]["mean"] > 0
-    baseline = next(r for r in result["rows"] if (r["scheme"], r["caption_dropout"]) == ("shift", 0.0))
-    assert baseline["inference_loss"]["vs_baseline"] == 0.0
+    assert "recipe ablation on the toy base" in output
+    assert [row["variant"] for row in result["rows"]] == ["default", "weighted"]
+    assert all(row["mean"] > 0 for row in result["rows"]) and result["base_score"] > 0  # PSNR dB
+    assert result["rows"][0]["vs_default"] is None and result["rows"][1]["vs_default"] is not None
 
 
 @pytest.mark.slow

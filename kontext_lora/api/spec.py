@@ -262,7 +262,8 @@ class TrainingSpec(CrossFieldRules, ApiModel):
         1.0, ge=0.0, le=10.0, description="Value fed to the guidance embedding while training."
     )
     timestep_sampling: TimestepSampling = Field(
-        TimestepSampling.shift, description="How flow-matching timesteps are drawn."
+        TimestepSampling.sigmoid,
+        description="How flow-matching timesteps are drawn (sigmoid: chosen by the recipe ablation, docs/trainer.md).",
     )
     timestep_shift: float = Field(3.0, gt=0.0, le=10.0, description="Shift applied when timestepSampling is shift.")
     caption_dropout: float = Field(

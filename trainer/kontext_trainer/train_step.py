@@ -83,7 +83,7 @@ class KontextTrainStep:
         accelerator: Accelerator,
         max_grad_norm: float = 1.0,
         guidance_scale: float = 1.0,
-        timestep_sampling: TimestepSampling = TimestepSampling.shift,
+        timestep_sampling: TimestepSampling = TimestepSampling.sigmoid,
         timestep_shift: float = 3.0,
         dynamic_shift: flux_math.DynamicShift | None = None,
     ):

@@ -2,7 +2,7 @@
 
     python -m bench.memory                  # the table of docs/benchmarks.md §6 (512²/1024², rank 32/128, checkpointing
                                             #   on/off, base bf16/int8/fp8, previews), beside the analytic estimate
-    python -m bench.memory --quick          # the same without the quantized bases' no-checkpointing rows
+    python -m bench.memory --quantized      # only the int8/fp8 bases, checkpointing on (bf16: the --table's figures)
     python -m bench.memory --table          # measure the admission table and write kontext_lora/api/memory_table.py
     python -m bench.memory --smoke          # tiny config, seconds (CI)
 
@@ -340,16 +340,18 @@ def analytic(case: Case, config: dict[str, Any]) -> float:
 # ---- the issue's table ------------------------------------------------------------------------------------------
 
 
-def report_cases(quick: bool = False) -> list[Case]:
-    """512²/1024² x rank 32/128 x checkpointing on/off x base bf16/int8/fp8; `quick`: the quantized bases with
-    checkpointing only (without it no 1024² job fits 48 GB whatever the base)."""
+def report_cases(quantized_only: bool = False) -> list[Case]:
+    """512²/1024² x rank 32/128 x checkpointing on/off x base bf16/int8/fp8; `quantized_only`: int8 and fp8 with
+    checkpointing, 1024² first (the bf16 figures are the admission table's; without checkpointing no 1024² job fits
+    48 GB whatever the base)."""
+    if quantized_only:
+        return [Case(r, rank, base=base) for r in (1024, 512) for rank in (32, 128) for base in ("int8", "fp8")]
     cases = []
     for base in ("bf16", "int8", "fp8"):
         for resolution in (512, 1024):
             for rank in (32, 128):
                 for checkpointing in (True, False):
-                    if not (quick and base != "bf16" and not checkpointing):
-                        cases.append(Case(resolution, rank, checkpointing=checkpointing, base=base))
+                    cases.append(Case(resolution, rank, checkpointing=checkpointing, base=base))
     return cases
 
 
@@ -404,7 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="Tiny config, seconds (CI).")
     parser.add_argument("--table", action="store_true", help="Measure the admission table and write it.")
-    parser.add_argument("--quick", action="store_true", help="The table without the quantized no-checkpointing rows.")
+    parser.add_argument(
+        "--quantized", action="store_true", help="Only the int8/fp8 bases with checkpointing, no previews."
+    )
     parser.add_argument("--dry-run", action="store_true", help="With --table: the tiny config, nothing written.")
     parser.add_argument("--reuse", type=Path, default=None, help="With --table: an earlier --json's steps.")
     parser.add_argument("--json", type=Path, default=None, help="Also write the figures here.")
@@ -435,8 +439,8 @@ def main(argv: list[str] | None = None) -> int:
                 console.print(f"wrote {TABLE_FILE}")
         else:
             trainer = MetaTrainer(flux.FULL_CONFIG, FULL_VAE_CONFIG, T5_TOKENS, Path(workdir))
-            previews = [Case(resolution, rank) for resolution in (512, 1024) for rank in (32, 128)]
-            result = run_report(trainer, flux.FULL_CONFIG, report_cases(args.quick), previews)
+            previews = [] if args.quantized else [Case(r, rank) for r in (512, 1024) for rank in (32, 128)]
+            result = run_report(trainer, flux.FULL_CONFIG, report_cases(args.quantized), previews)
     if not args.table:
         print_report(result)
     result["seconds"] = time.perf_counter() - began

@@ -1,20 +1,20 @@
 """Recipe ablation on the toy base: each recipe option trained by the real trainer, scored by the edit it performs.
 
-    python -m bench.recipe_ablation                          # every variant, training seeds 42 and 1 (~50 min, 2 cores)
-    python -m bench.recipe_ablation --variants default,weighted --seeds 42,1,7 --workers 2
+    python -m bench.recipe_ablation                          # 6 variants x seeds 42, 1 (~40 min on 2 idle cores)
+    python -m bench.recipe_ablation --variants shift,weighted --seeds 42,1,7 --workers 2
     python -m bench.recipe_ablation --smoke                  # two variants, a few steps (CI)
 
 The world is the toy base's (model/toy, docs/toy-base.md): a small FLUX.1-Kontext in the real diffusers classes
 that performs brighter/darker/warmer/cooler but not the job's edit, "remove the coloured shape". Every run is a
 real `kontext-lora train` run (in-process `run_training`) of the demo's recipe as tests/trainer/test_edit.py
-trains it (10 generated pairs, one held out, 256 px, rank 16, learning rate 3e-3, 150 steps, fp32 on the CPU) with
-one option changed. The finished LoRA is loaded into `FluxKontextPipeline` with `load_lora_weights`, as users load
-it, and run on four scenes no run trained on (seeds 5000-5003); the edit score is the mean PSNR in dB of the
-output against the true "after" image (20 inference steps, generator seed 0). The base model's score (no LoRA) is
-measured once.
+trains it (10 generated pairs, one held out, 256 px, rank 16, learning rate 3e-3, 150 steps, fp32 on the CPU) and
+the recipe before this ablation (timestepSampling shift 3.0: the baseline), with one option changed. The finished
+LoRA is loaded into `FluxKontextPipeline` with `load_lora_weights`, as users load it, and run on four scenes no run
+trained on (seeds 5000-5003); the edit score is the mean PSNR in dB of the output against the true "after" image
+(20 inference steps, generator seed 0). The base model's score (no LoRA) is measured once.
 
 Reported per variant: the mean and spread of the edit score over the training seeds, and the mean paired
-difference from `default` (same training seed: same LoRA initialisation, batch order and noise draws where the
+difference from the baseline (same training seed: same LoRA initialisation, batch order and noise draws where the
 option leaves them alone) with its standard error. Runs go to `--workers` processes of one thread each.
 """
 
@@ -42,10 +42,16 @@ INFERENCE_STEPS = 20
 STEPS = 150
 PAIRS = 10
 
-# name -> (what it changes, the spec sections it overrides). `default` is the product's recipe.
+# Every variant starts from the baseline, the recipe before this ablation (timestepSampling shift 3.0, no caption
+# dropout, attention + MLP targets), and changes one thing: name -> (what it changes, the spec sections it sets).
+BASELINE = "shift"
+BASELINE_RECIPE: dict[str, dict[str, Any]] = {"training": {"timestepSampling": "shift", "timestepShift": 3.0}}
 VARIANTS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
-    "default": ("timestepSampling shift (3.0), no caption dropout, attention+MLP targets", {}),
-    "sigmoid": ("timestepSampling: sigmoid (ai-toolkit's default)", {"training": {"timestepSampling": "sigmoid"}}),
+    "shift": ("the baseline: timestepSampling shift 3.0, no caption dropout, attention + MLP targets", {}),
+    "sigmoid": (
+        "timestepSampling: sigmoid (ai-toolkit's default; the product's since this ablation)",
+        {"training": {"timestepSampling": "sigmoid"}},
+    ),
     "flux_shift": (
         "timestepSampling: flux_shift (the bucket's dynamic shift)",
         {"training": {"timestepSampling": "flux_shift"}},
@@ -64,7 +70,7 @@ VARIANTS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     ),
     "rank_32": ("lora.rank: 32", {"lora": {"rank": 32}}),
 }
-DEFAULT_VARIANTS = ("default", "sigmoid", "flux_shift", "weighted", "caption_dropout", "modulation")
+DEFAULT_VARIANTS = ("shift", "sigmoid", "flux_shift", "weighted", "caption_dropout", "modulation")
 
 
 def job_document(name: str, model_dir: Path, pairs: Path, output: Path, steps: int, seed: int, variant: str) -> dict:
@@ -82,8 +88,9 @@ def job_document(name: str, model_dir: Path, pairs: Path, output: Path, steps: i
         "checkpoints": {"saveEvery": steps, "keep": 1},
         "output": {"uri": output.as_uri() + "/", "name": "lora"},
     }
-    for section, values in VARIANTS[variant][1].items():
-        spec[section] = {**spec[section], **values}
+    for overrides in (BASELINE_RECIPE, VARIANTS[variant][1]):
+        for section, values in overrides.items():
+            spec[section] = {**spec[section], **values}
     return {
         "apiVersion": "kontext-lora.io/v1alpha1",
         "kind": "KontextLoRAJob",
@@ -171,13 +178,13 @@ def run_task(task: Task) -> dict[str, Any]:
 
 
 def summarise(runs: list[dict[str, Any]], base_score: float) -> list[dict[str, Any]]:
-    """Per variant: mean ± std over seeds, and the paired difference from `default` ± its standard error."""
-    default = {r["seed"]: r["edit_score"] for r in runs if r["variant"] == "default"}
+    """Per variant: mean ± std over seeds, and the paired difference from the baseline ± its standard error."""
+    baseline = {r["seed"]: r["edit_score"] for r in runs if r["variant"] == BASELINE}
     rows = []
     for variant in dict.fromkeys(r["variant"] for r in runs):
         group = [r for r in runs if r["variant"] == variant]
         values = [r["edit_score"] for r in group]
-        differences = [r["edit_score"] - default[r["seed"]] for r in group if r["seed"] in default]
+        differences = [r["edit_score"] - baseline[r["seed"]] for r in group if r["seed"] in baseline]
         rows.append(
             {
                 "variant": variant,
@@ -187,9 +194,9 @@ def summarise(runs: list[dict[str, Any]], base_score: float) -> list[dict[str, A
                 "mean": statistics.fmean(values),
                 "std": statistics.stdev(values) if len(values) > 1 else 0.0,
                 "over_base": statistics.fmean(values) - base_score,
-                "vs_default": statistics.fmean(differences) if differences and variant != "default" else None,
-                "vs_default_se": statistics.stdev(differences) / math.sqrt(len(differences))
-                if len(differences) > 1 and variant != "default"
+                "vs_baseline": statistics.fmean(differences) if differences and variant != BASELINE else None,
+                "vs_baseline_se": statistics.stdev(differences) / math.sqrt(len(differences))
+                if len(differences) > 1 and variant != BASELINE
                 else None,
             }
         )
@@ -202,10 +209,10 @@ def print_table(rows: list[dict[str, Any]], base_score: float) -> None:
     table = Table(
         title=f"recipe ablation on the toy base: edit score, PSNR dB vs target (base model {base_score:.2f} dB)"
     )
-    for column in ("variant", "change", "seeds", "edit score (mean ± std)", "over base", "Δ vs default (± s.e.)"):
+    for column in ("variant", "change", "seeds", "edit score (mean ± std)", "over base", "Δ vs baseline (± s.e.)"):
         table.add_column(column, justify="left" if column in ("variant", "change") else "right")
     for row in rows:
-        delta = row["vs_default"]
+        delta = row["vs_baseline"]
         table.add_row(
             row["variant"],
             row["change"],
@@ -214,7 +221,7 @@ def print_table(rows: list[dict[str, Any]], base_score: float) -> None:
             f"{row['over_base']:+.2f}",
             "—"
             if delta is None
-            else f"{delta:+.2f}" + (f" ± {row['vs_default_se']:.2f}" if row["vs_default_se"] is not None else ""),
+            else f"{delta:+.2f}" + (f" ± {row['vs_baseline_se']:.2f}" if row["vs_baseline_se"] is not None else ""),
         )
     console.print(table)
 
@@ -228,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", type=Path, default=None, help="Base model folder (default: the toy base).")
     parser.add_argument("--work-dir", type=Path, default=None, help="Keep the runs here (default: a temp folder).")
     parser.add_argument(
-        "--smoke", action="store_true", help="default and weighted, one seed, 2 steps, one scene at 2 steps (CI)."
+        "--smoke", action="store_true", help="shift and weighted, one seed, 2 steps, one scene at 2 steps (CI)."
     )
     parser.add_argument("--json", type=Path, default=None, help="Also write the figures here.")
     return parser
@@ -239,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     from kontext_trainer.data.synthetic import write_example_pairs
     from kontext_trainer.demo import ensure_toy_base
 
-    variants = ["default", "weighted"] if args.smoke else args.variants.split(",")
+    variants = [BASELINE, "weighted"] if args.smoke else args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")

@@ -65,9 +65,9 @@ def test_gpu_step_speed_options_smoke(tmp_path: Path) -> None:
 def test_recipe_ablation_smoke(tmp_path: Path) -> None:
     output, result = run_bench("recipe_ablation", tmp_path)
     assert "recipe ablation on the toy base" in output
-    assert [row["variant"] for row in result["rows"]] == ["default", "weighted"]
+    assert [row["variant"] for row in result["rows"]] == ["shift", "weighted"]
     assert all(row["mean"] > 0 for row in result["rows"]) and result["base_score"] > 0  # PSNR dB
-    assert result["rows"][0]["vs_default"] is None and result["rows"][1]["vs_default"] is not None
+    assert result["rows"][0]["vs_baseline"] is None and result["rows"][1]["vs_baseline"] is not None
 
 
 @pytest.mark.slow

@@ -156,7 +156,10 @@ def test_lora_loads_into_flux_kontext_pipeline_and_changes_its_output(demo: Demo
         with_lora = edit()
     finally:
         pipeline.unload_lora_weights()
-    assert (with_lora - base).abs().mean() > 0.01
+    # The edit is local (the shape's pixels): measured 0.0067 mean and 0.115 largest change under the sigmoid default
+    # (its LoRA leaves the background closer to the base's than the former shift default's did: 0.01 mean then).
+    change = (with_lora - base).abs()
+    assert change.mean() > 0.003 and change.max() > 0.05
     torch.testing.assert_close(edit(), base)  # unloading restores the base model
 
 

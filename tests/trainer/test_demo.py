@@ -156,7 +156,10 @@ def test_lora_loads_into_flux_kontext_pipeline_and_changes_its_output(demo: Demo
         with_lora = edit()
     finally:
         pipeline.unload_lora_weights()
-    assert (with_lora - base).abs().mean() > 0.01
+    # The edit touches the shape's pixels only (a few percent of the image): measured, 5.5% of the pixels move by
+    # more than 0.05 with the demo's LoRA after 2 sampling steps (mean change over the whole image 0.006).
+    moved = ((with_lora - base).abs().amax(dim=1) > 0.05).float().mean()
+    assert moved > 0.01, f"the LoRA moved {moved:.2%} of the pixels"
     torch.testing.assert_close(edit(), base)  # unloading restores the base model
 
 

@@ -1,7 +1,7 @@
 """The run's side of checkpoints: what one holds, the status records of those kept, resuming, the final LoRA.
 
 Where checkpoints live and how they are published and rotated is `checkpoints.py`'s; this module decides what
-goes into one (the LoRA, the resumable state, the held-out loss and preview) and restores a run from one.
+goes into one (the LoRA, the resumable state, the held-out loss, edit scores and preview) and restores a run from one.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler
 
 from kontext_lora.api.status import CheckpointRecord
 
@@ -34,6 +33,7 @@ from ..model.load import TORCH_DTYPES
 from ..model.lora import TARGET_PATTERNS, export_lora, lora_weights, restore_lora_weights
 from ..storage import Storage
 from ..train_step import KontextTrainStep
+from ..validation import EDIT_METRIC, HeldOutEdits, HeldOutSet
 from .context import RunContext
 from .environment import RunEnvironment, fmt
 
@@ -122,20 +122,17 @@ class Checkpointer:
             },
             staging / STATE_FILE,
         )
-        preview = None
-        if ctx.scheduler_config is not None and stopped_by is None:
+        preview = lora_edits = None
+        if ctx.base_edits is not None and stopped_by is None:
+            lora_edits = ctx.held_out_edits(settings.preview_steps, spec.training.seed)
             preview = ctx.held_out.preview(
-                unwrapped,
-                ctx.latent_encoder.vae,
-                FlowMatchEulerDiscreteScheduler.from_config(ctx.scheduler_config),
-                ctx.accelerator,
-                settings.preview_steps,
-                title=f"{name} step {step}: before | after | LoRA output"
-                + (f" (held-out loss {validation:.4f})" if validation is not None else ""),
-                seed=spec.training.seed,
+                ctx.base_edits,
+                lora_edits,
+                title=f"{name} step {step}: before | after | base model | LoRA"
+                + f" (edit score {lora_edits.score:.2f} dB, base {ctx.base_edits.score:.2f} dB"
+                + (f", held-out loss {validation:.4f})" if validation is not None else ")"),
             )
-            if preview is not None:
-                preview.save(staging / PREVIEW_FILE)
+            preview.save(staging / PREVIEW_FILE)
         now = datetime.now(UTC)
         (staging / VALIDATION_FILE).write_text(
             json.dumps(
@@ -145,6 +142,7 @@ class Checkpointer:
                     "baselineValidationLoss": ctx.baseline,
                     "heldOutPairs": [p.pair.stem for p in ctx.held_out.pairs],
                     "timesteps": [round(float(t), 6) for t in ctx.held_out.sigmas],
+                    **_edit_score_fields(ctx.held_out, ctx.base_edits, lora_edits),
                     "time": now.isoformat(timespec="seconds"),
                     **(
                         {
@@ -167,6 +165,8 @@ class Checkpointer:
             step=step,
             uri=storage.uri(prefix + lora_file_name(name, step)),
             validation_loss=validation,
+            edit_score=_rounded(lora_edits.score if lora_edits else None),
+            base_edit_score=_rounded(ctx.base_edits.score if lora_edits and ctx.base_edits else None),
             preview_uri=storage.uri(prefix + PREVIEW_FILE) if preview is not None else None,
             time=now,
         )
@@ -175,18 +175,24 @@ class Checkpointer:
         env.metrics.checkpoints_saved.inc()
         if validation is not None:
             env.metrics.validation_loss.set(validation)
+        if lora_edits is not None:
+            env.metrics.edit_score.set(lora_edits.score)
         env.status.update(force=True, **self.status_fields())
         log.info(
             "checkpoint step %d saved to %s (%s, %.1fs)%s",
             step,
             storage.uri(prefix),
-            f"on {stopped_by}: no held-out loss or preview" if stopped_by else f"held-out loss {fmt(validation)}",
+            f"on {stopped_by}: no held-out loss or preview"
+            if stopped_by
+            else f"held-out loss {fmt(validation)}"
+            + (f", edit score {lora_edits.score:.2f} dB (base {ctx.base_edits.score:.2f} dB)" if lora_edits else ""),
             time.monotonic() - began,
             f"; rotated out steps {deleted}" if deleted else "",
             **fields(
                 step=step,
                 checkpoint=storage.uri(prefix),
                 validation_loss=validation,
+                **({"edit_score": lora_edits.score} if lora_edits else {}),
                 rotated_out=deleted,
                 **({"stopped_by": stopped_by} if stopped_by else {}),
             ),
@@ -198,6 +204,10 @@ class Checkpointer:
         return [self.records[s] for s in sorted(self.records)]
 
     def best(self) -> str | None:
+        """The kept checkpoint with the highest edit score; without edit scores, the lowest held-out loss."""
+        edited = [r for r in self.records.values() if r.edit_score is not None]
+        if edited:
+            return max(edited, key=lambda r: (r.edit_score, r.step)).uri
         scored = [r for r in self.records.values() if r.validation_loss is not None]
         return min(scored, key=lambda r: (r.validation_loss, -r.step)).uri if scored else None
 
@@ -278,3 +288,22 @@ class Checkpointer:
         )
         output.put_files([(path, path.name)])
         return output.uri(path.name)
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _edit_score_fields(held_out: HeldOutSet, base: HeldOutEdits | None, lora: HeldOutEdits | None) -> dict[str, Any]:
+    """validation.json's edit scores: the LoRA's and the base model's, overall and per held-out pair."""
+    if lora is None or base is None:
+        return {}
+    return {
+        "editMetric": EDIT_METRIC,
+        "editScore": _rounded(lora.score),
+        "baseEditScore": _rounded(base.score),
+        "editScores": {
+            item.pair.stem: {"lora": _rounded(lora_score), "base": _rounded(base_score)}
+            for item, lora_score, base_score in zip(held_out.pairs, lora.scores, base.scores, strict=True)
+        },
+    }

@@ -7,13 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from ..checkpoints import CheckpointStore, StoredCheckpoint
 from ..data.dataset import TrainingPair
 from ..encoding import EncodingCache
 from ..progress import ProgressTracker
 from ..storage import Storage
-from ..validation import HeldOutSet
+from ..validation import HeldOutEdits, HeldOutSet
 
 
 @dataclass
@@ -47,3 +48,18 @@ class RunContext:
     start_step: int
     baseline: float | None
     tracker: ProgressTracker
+    base_edits: HeldOutEdits | None = None  # the base model's outputs on the held-out controls (once per run)
+
+    def held_out_edits(self, steps: int, seed: int, base: bool = False) -> HeldOutEdits | None:
+        """The pipeline's outputs on the held-out controls, with the LoRA (or without: `base`)."""
+        if self.scheduler_config is None:
+            return None
+        run = self.held_out.base_edits if base else self.held_out.edits
+        return run(
+            self.accelerator.unwrap_model(self.transformer),
+            self.latent_encoder.vae,
+            FlowMatchEulerDiscreteScheduler.from_config(self.scheduler_config),
+            self.accelerator,
+            steps,
+            seed,
+        )

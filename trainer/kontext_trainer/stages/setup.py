@@ -187,4 +187,11 @@ def set_up(
         baseline=baseline,
         tracker=tracker,
     )
+    context.base_edits = context.held_out_edits(settings.preview_steps, spec.training.seed, base=True)
+    if context.base_edits is not None:
+        log.info(
+            "held-out edit score of the base model: %.2f dB",
+            context.base_edits.score,
+            **fields(base_edit_score=context.base_edits.score),
+        )
     return context, step_fn, [by_stem[p.stem] for p in data.train_pairs]

@@ -132,7 +132,9 @@ MALFORMED: list[Malformed] = [
         "world-size-above-64", _both(_set("resources.count", 8), _set("resources.nodes", 16)), "spec.resources.nodes"
     ),
     Malformed(
-        "learning-rate-scaling-unknown", _set("training.learningRateScaling", "cubic"), "spec.training.learningRateScaling"
+        "learning-rate-scaling-unknown",
+        _set("training.learningRateScaling", "cubic"),
+        "spec.training.learningRateScaling",
     ),
     Malformed("memory-not-a-quantity", _set("resources.memory", "lots"), "spec.resources.memory"),
     Malformed(

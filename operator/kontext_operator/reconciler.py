@@ -289,7 +289,9 @@ class Reconciler:
         if full and not finished(body):
             uid, generation = body["metadata"].get("uid"), body["metadata"].get("generation")
             live = self.live_job(key, uid)
-            if live is None or self._ensured.get(key) != (uid, generation) or key in self.problems:
+            stale = live is None or self._ensured.get(key) != (uid, generation) or key in self.problems
+            # A failed group of pods is replaced by the reconcile even when the generation was already brought to it.
+            if stale or self.group_restart(body, live, self.essentials(key, body).backoff_limit):
                 if live is None and self._had_job(body):
                     await self.sync(*key)  # say JobMissing before making it again
                 if not await self._confirm(key):

@@ -14,6 +14,7 @@ four steps of training move the LoRA (asserted, so the comparison could tell a w
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -154,19 +155,7 @@ def test_one_rank_killed_the_group_stops_and_the_next_group_resumes_from_the_new
     env = trainer_env(KONTEXT_LORA_PREVIEW_STEPS="0")
     job = _job(tmp_path, "killed", tiny_model, cpu_pairs, batch=1, world=2)
     out = tmp_path / "killed" / "out"
-    with (tmp_path / "killed.log").open("w") as log:
-        process = subprocess.Popen(
-            _torchrun(job, tmp_path / "work", env), stdout=log, stderr=subprocess.STDOUT, env=env
-        )
-        try:
-            first = out / "checkpoints" / f"step-{SAVE_EVERY:06d}" / "COMPLETE"
-            wait_for(first.exists, 240, "the first checkpoint")
-            os.kill(_worker_pid(process.pid, rank=1), signal.SIGKILL)
-            killed_after = _steps_done(out)
-            code = process.wait(timeout=120)
-        finally:
-            if process.poll() is None:
-                process.kill()
+    code, killed_after, _ = _signal_rank_1(job, out, tmp_path, env, signal.SIGKILL)
     assert code != 0, "torchrun reports the group's failure"
     assert not (out / "killed.safetensors").exists()
 
@@ -183,6 +172,45 @@ def test_one_rank_killed_the_group_stops_and_the_next_group_resumes_from_the_new
     print(f"\nrank 1 SIGKILLed after checkpoint {killed_after}; the next group resumed at step {resumed[0]}")
     difference = _max_difference(_lora(out / "killed.safetensors"), _lora(one_process / "single.safetensors"))
     assert difference <= ATOL
+
+
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_with_one_checkpoint(
+    tiny_model: Path, cpu_pairs: Path, tmp_path: Path
+) -> None:
+    """Only rank 1 is told to stop (as when one node of a job is drained): rank 0 learns it in the step's agreement,
+    saves the one checkpoint at that step, and both exit 143."""
+    env = trainer_env(KONTEXT_LORA_PREVIEW_STEPS="0")
+    job = _job(tmp_path, "stopped", tiny_model, cpu_pairs, batch=1, world=2)
+    code, _, output = _signal_rank_1(job, tmp_path / "stopped" / "out", tmp_path, env, signal.SIGTERM)
+    out = tmp_path / "stopped" / "out"
+    assert code != 0, output[-3000:]
+    stopped = re.findall(r"stopped by SIGTERM after step (\d+)/", output)
+    # Both ranks name the same step; the checkpoint there is the stop's (between the regular ones).
+    assert len(stopped) == 2 and len(set(stopped)) == 1, output[-4000:]
+    step = int(stopped[0])
+    assert SAVE_EVERY < step < STEPS
+    validation = json.loads((out / "checkpoints" / f"step-{step:06d}" / "validation.json").read_text())
+    assert validation["stoppedBy"] == "SIGTERM"
+    print(f"\nSIGTERM to rank 1 only: both ranks stopped after step {step}, one checkpoint there")
+
+
+def _signal_rank_1(job: Path, out: Path, tmp_path: Path, env: dict, sig: int) -> tuple[int, int, str]:
+    """Run the job on 2 ranks, send `sig` to rank 1 alone once the first checkpoint is complete; (torchrun's exit
+    code, the newest complete checkpoint's step when the signal went, the log)."""
+    log_path = tmp_path / f"{job.stem}.log"
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            _torchrun(job, tmp_path / "work", env), stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+        try:
+            wait_for((out / "checkpoints" / f"step-{SAVE_EVERY:06d}" / "COMPLETE").exists, 240, "the first checkpoint")
+            os.kill(_worker_pid(process.pid, rank=1), sig)
+            signalled_after = _steps_done(out)
+            code = process.wait(timeout=120)
+        finally:
+            if process.poll() is None:
+                process.kill()
+    return code, signalled_after, log_path.read_text()
 
 
 def _worker_pid(agent: int, rank: int) -> int:

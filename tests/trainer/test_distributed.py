@@ -9,7 +9,8 @@ Tolerance (`ATOL`): the two runs differ only in float32 summation order — DDP'
 1-pair gradients where one process averages one 2-pair loss — about 1e-7 relative per gradient, which AdamW's
 normalised updates carry into the weights at most at the learning rate's scale (3e-3 per step). Measured: a max
 abs difference of 7.4e-7 here (12 steps; 8e-6 in a 6-step run on 6 pairs); ATOL = 1e-4 leaves 12x headroom over the
-larger and is 1/125 of what the last four steps of training move the LoRA (1.25e-2) (asserted, so the comparison could tell a wrong shard or noise from a right one).
+larger and is 1/125 of what the last four steps of training move the LoRA (1.25e-2; asserted, so the comparison
+could tell a wrong shard or noise from a right one).
 """
 
 from __future__ import annotations

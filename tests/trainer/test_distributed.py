@@ -4,6 +4,7 @@
   none`), and rank 0 is the only process that writes the output, the shared encoding cache or rank 0's work folder.
 - One rank SIGKILLed mid-run: torchrun stops the other and fails; the next group (torchrun again, as the operator's
   next Job in a cluster) resumes from the newest complete checkpoint and ends with the same LoRA.
+- SIGTERM to rank 1 alone: both ranks stop after the same step, with the one checkpoint rank 0 saves there.
 
 Tolerance (`ATOL`): the two runs differ only in float32 summation order — DDP's gloo all-reduce averages two
 1-pair gradients where one process averages one 2-pair loss — about 1e-7 relative per gradient, which AdamW's

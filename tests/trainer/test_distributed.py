@@ -234,3 +234,33 @@ def _steps_done(out: Path) -> int:
     """The newest complete checkpoint's step (what a kill can at most lose the steps after)."""
     steps = [int(p.parent.name.split("-")[1]) for p in (out / "checkpoints").glob("step-*/COMPLETE")]
     return max(steps, default=0)
+
+
+@pytest.mark.parametrize(
+    ("training", "refused"),
+    [
+        ({"steps": 12, "learningRateScaling": "none"}, False),  # same rate and steps at any world size
+        ({"steps": 12, "learningRateScaling": "sqrt"}, True),  # the rate would change mid-run
+        ({"steps": "auto", "learningRateScaling": "none"}, True),  # so would the step count
+    ],
+)
+def test_a_checkpoint_from_another_world_size_resumes_only_on_the_same_schedule(training: dict, refused: bool) -> None:
+    from types import SimpleNamespace
+
+    from kontext_trainer.distributed import World
+    from kontext_trainer.errors import CheckpointMismatchError
+    from kontext_trainer.stages.checkpointing import Checkpointer
+
+    from kontext_lora.api import parse_job
+
+    document = job_document("resize", "file:///m", "file:///pairs/", "file:///out/", training=training)
+    spec = parse_job(document).spec
+    taken = Checkpointer(SimpleNamespace(world=World(size=2), spec=spec))
+    state = {"schedule": taken._schedule(spec.total_steps(40, 2))}
+    resuming = Checkpointer(SimpleNamespace(world=World(size=4), spec=spec))
+    if not refused:
+        resuming._same_schedule(state, spec.total_steps(40, 4), "step-000004/")
+        return
+    with pytest.raises(CheckpointMismatchError, match="taken with 2 training processes") as error:
+        resuming._same_schedule(state, spec.total_steps(40, 4), "step-000004/")
+    assert "learningRateScaling: none" in str(error.value)

@@ -10,6 +10,7 @@ optimiser and schedule, then resume from the newest checkpoint or measure the un
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from accelerate.utils import set_seed
@@ -23,7 +24,7 @@ from ..model.load import TORCH_DTYPES, load_scheduler, load_transformer
 from ..model.lora import add_lora
 from ..model.source import TEXT_PARTS, TRAINING_PARTS, fetch_model
 from ..progress import ProgressTracker
-from ..train_step import KontextTrainStep, build_lr_scheduler, build_optimizer, make_accelerator
+from ..train_step import KontextTrainStep, build_lr_scheduler, build_optimizer
 from ..validation import HeldOutSet
 from .checkpointing import Checkpointer
 from .context import Prepared, RunContext
@@ -44,7 +45,7 @@ def download(env: RunEnvironment, inputs: PreparedInputs, checkpointer: Checkpoi
     spec, settings = env.spec, env.settings
     pairs = inputs.pairs
     train_pairs, held_pairs = split_held_out(pairs, spec.dataset.held_out_pairs, spec.training.seed)
-    total_steps = spec.total_steps(len(pairs))
+    total_steps = spec.total_steps(len(pairs), env.world.size)
     env.metrics.total_steps.set(total_steps)
     log.info(
         "dataset: %d pairs (%d training, %d held out)",
@@ -94,12 +95,40 @@ def download(env: RunEnvironment, inputs: PreparedInputs, checkpointer: Checkpoi
     return Prepared(inputs.output, pairs, train_pairs, held_pairs, total_steps, store, complete, model_dir, encodings)
 
 
-def set_up(
-    env: RunEnvironment, data: Prepared, checkpointer: Checkpointer
-) -> tuple[RunContext, KontextTrainStep, list[EncodedPair]]:
-    """Encode the dataset, build the LoRA and optimiser, then resume or measure the untrained held-out loss."""
+def announce_world(env: RunEnvironment) -> None:
+    """Log the world size and what it does to the optimisation (once, by rank 0), and export it as a metric."""
+    world, spec = env.world, env.spec
+    env.metrics.world_size.set(world.size)
+    if world.size != spec.resources.world_size:
+        log.warning(
+            "%d training processes, but spec.resources asks for %d (count %d x nodes %d): steps and the learning "
+            "rate follow the %d running",
+            world.size,
+            spec.resources.world_size,
+            spec.resources.count,
+            spec.resources.nodes,
+            world.size,
+        )
+    if world.distributed:
+        log.info(
+            "data-parallel over %d processes: each optimiser step sees %d pairs (%d per process x %d micro-batches), "
+            "learning rate %.3g (%s scaling of %.3g)",
+            world.size,
+            world.size * spec.training.batch_size * spec.training.gradient_accumulation,
+            spec.training.batch_size,
+            spec.training.gradient_accumulation,
+            spec.effective_learning_rate(world.size),
+            spec.training.learning_rate_scaling.value,
+            spec.training.learning_rate,
+            **fields(world_size=world.size, learning_rate=spec.effective_learning_rate(world.size)),
+        )
+
+
+def encode(env: RunEnvironment, data: Prepared) -> tuple[list[EncodedPair], Any]:
+    """The dataset's encodings (what is not cached is encoded here; the encoders then leave memory) and the latent
+    encoder kept for previews."""
     spec, settings = env.spec, env.settings
-    accelerator = make_accelerator(spec.model.dtype, spec.training.gradient_accumulation)
+    accelerator = env.world.accelerator(spec.model.dtype, spec.training.gradient_accumulation)
     weight_dtype, vae_dtype = _dtypes(env)
     encoder = DatasetEncoder(
         data.model_dir, env.work / "cache", accelerator.device, weight_dtype, vae_dtype, cache=data.encodings
@@ -121,6 +150,18 @@ def set_up(
         report.local["latents"] + report.remote["latents"],
         **fields(encoded=report.encoded, uploaded=report.uploaded),
     )
+    return encoded, latent_encoder
+
+
+def set_up(
+    env: RunEnvironment, data: Prepared, checkpointer: Checkpointer, encodings: tuple[list[EncodedPair], Any]
+) -> tuple[RunContext, KontextTrainStep, list[EncodedPair]]:
+    """Build the LoRA and optimiser, then resume or (rank 0) measure the untrained held-out loss."""
+    spec, settings, world = env.spec, env.settings, env.world
+    accelerator = world.accelerator(spec.model.dtype, spec.training.gradient_accumulation)
+    weight_dtype, _ = _dtypes(env)
+    encoded, latent_encoder = encodings
+    previews = settings.preview_steps > 0 and bool(data.held_pairs)
     by_stem = {e.pair.stem: e for e in encoded}
     held_out = HeldOutSet(
         [by_stem[p.stem] for p in data.held_pairs],
@@ -137,7 +178,7 @@ def set_up(
     parameters = add_lora(transformer, spec.lora, spec.lora_alpha)
     if spec.training.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
-    optimizer = build_optimizer(parameters, spec.training)
+    optimizer = build_optimizer(parameters, spec.training, spec.effective_learning_rate(world.size))
     lr_scheduler = build_lr_scheduler(optimizer, spec.training, data.total_steps)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     step_fn = KontextTrainStep(
@@ -164,11 +205,11 @@ def set_up(
 
     start_step, baseline, loss_ema = 0, None, None
     if data.complete:
-        start_step, baseline, loss_ema = checkpointer.resume(data.complete[-1], data.store, step_fn)
+        start_step, baseline, loss_ema = checkpointer.resume(data.complete[-1], data.store, step_fn, data.total_steps)
         checkpointer.adopt(data.store, data.complete)
         env.status.update(force=True, step=start_step, **checkpointer.status_fields())
-    else:
-        baseline = held_out.loss(transformer, accelerator, spec.training.guidance_scale)
+    elif world.main:  # the held-out set is rank 0's, as are the checkpoints that report on it
+        baseline = held_out.loss(accelerator.unwrap_model(transformer), accelerator, spec.training.guidance_scale)
         if baseline is not None:
             log.info("held-out loss before training: %.4f", baseline, **fields(validation_loss=baseline))
     tracker = ProgressTracker(data.total_steps, start_step)

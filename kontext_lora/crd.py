@@ -34,6 +34,7 @@ PRINTER_COLUMNS = [
     {"name": "Step", "type": "integer", "jsonPath": ".status.step"},
     {"name": "Loss", "type": "number", "jsonPath": ".status.loss"},
     {"name": "GPU", "type": "string", "jsonPath": ".spec.resources.gpu"},
+    {"name": "World", "type": "integer", "jsonPath": ".status.worldSize", "description": "GPUs (count x nodes)"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     {"name": "Total", "type": "integer", "jsonPath": ".status.totalSteps", "priority": 1},
     {"name": "ETA", "type": "integer", "jsonPath": ".status.etaSeconds", "priority": 1, "description": "Seconds left"},

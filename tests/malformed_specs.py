@@ -125,7 +125,17 @@ MALFORMED: list[Malformed] = [
     Malformed("save-every-0", _set("checkpoints.saveEvery", 0), "spec.checkpoints.saveEvery"),
     Malformed("save-every-above-steps", _set("checkpoints.saveEvery", 5000), "spec.checkpoints.saveEvery"),
     Malformed("gpu-class-unknown", _set("resources.gpu", "A100-80GB"), "spec.resources.gpu"),
-    Malformed("gpu-count-2", _set("resources.count", 2), "spec.resources.count"),
+    Malformed("gpu-count-9", _set("resources.count", 9), "spec.resources.count"),
+    Malformed("nodes-0", _set("resources.nodes", 0), "spec.resources.nodes"),
+    Malformed("nodes-17", _set("resources.nodes", 17), "spec.resources.nodes"),
+    Malformed(
+        "world-size-above-64", _both(_set("resources.count", 8), _set("resources.nodes", 16)), "spec.resources.nodes"
+    ),
+    Malformed(
+        "learning-rate-scaling-unknown",
+        _set("training.learningRateScaling", "cubic"),
+        "spec.training.learningRateScaling",
+    ),
     Malformed("memory-not-a-quantity", _set("resources.memory", "lots"), "spec.resources.memory"),
     Malformed(
         "cache-claim-bad-name", _set("resources.modelCacheClaim", "Model_Cache"), "spec.resources.modelCacheClaim"

@@ -34,6 +34,7 @@ HUB_TOKEN_KEY = "HF_TOKEN"
 DEFAULT_BASE_MODEL = "black-forest-labs/FLUX.1-Kontext-dev"
 CACHE_FOLDER = "kontext-lora-cache"
 AUTO_STEPS_WHEN_PAIRS_UNKNOWN = 3000
+MAX_GPUS_PER_NODE, MAX_NODES, MAX_WORLD_SIZE = 8, 16, 64
 
 
 class DType(StrEnum):
@@ -202,6 +203,15 @@ class LrScheduler(StrEnum):
     linear = "linear"
 
 
+class LearningRateScaling(StrEnum):
+    sqrt = "sqrt"
+    """learningRate x sqrt(worldSize): the square-root rule for Adam-type optimisers (Malladi et al. 2022)."""
+    linear = "linear"
+    """learningRate x worldSize: Goyal et al.'s rule for SGD (large batches want a warm-up with it)."""
+    none = "none"
+    """learningRate as written, whatever the world size."""
+
+
 class TimestepSampling(StrEnum):
     shift = "shift"
     """Logit-normal draws pushed towards high noise by the fixed `timestepShift`, with the map FLUX's scheduler
@@ -235,16 +245,30 @@ class TrainingSpec(CrossFieldRules, ApiModel):
 
     steps: Annotated[StrictInt, Field(ge=1, le=1_000_000)] | StepsAuto = Field(
         "auto",
-        description='Optimiser steps, or "auto" = pairs x autoStepsPerPair (3000 while the pair count is unknown).',
+        description='Optimiser steps, or "auto" = pairs x autoStepsPerPair / worldSize, rounded up (3000 / worldSize '
+        "while the pair count is unknown): as many epochs as one GPU would train, in 1/worldSize of the steps. "
+        "Explicit steps are never rescaled.",
         json_schema_extra={"x-kubernetes-int-or-string": True},
     )
     auto_steps_per_pair: StrictInt = Field(
         100, ge=100, le=150, description='Steps per training pair when steps is "auto".'
     )
-    learning_rate: float = Field(1.0e-4, gt=0.0, le=1.0e-2, description="Peak learning rate.")
+    learning_rate: float = Field(
+        1.0e-4,
+        gt=0.0,
+        le=1.0e-2,
+        description="Peak learning rate for one GPU at this batchSize; with more GPUs, learningRateScaling applies.",
+    )
+    learning_rate_scaling: LearningRateScaling = Field(
+        LearningRateScaling.sqrt,
+        description="How the learning rate follows the world size (count x nodes), whose steps average the "
+        "gradients of worldSize x batchSize pairs: sqrt (default), linear or none. No effect on one GPU.",
+    )
     lr_scheduler: LrScheduler = Field(LrScheduler.constant, description="Learning-rate schedule after warm-up.")
     warmup_steps: StrictInt = Field(0, ge=0, le=10000, description="Linear warm-up steps.")
-    batch_size: StrictInt = Field(1, ge=1, le=16, description="Pairs per optimiser step.")
+    batch_size: StrictInt = Field(
+        1, ge=1, le=16, description="Pairs per GPU per micro-batch (one GPU: pairs per optimiser step)."
+    )
     gradient_accumulation: StrictInt = Field(
         1, ge=1, le=64, description="Micro-batches accumulated per optimiser step."
     )
@@ -363,22 +387,50 @@ class StorageSpec(ApiModel):
     )
 
 
-class ResourcesSpec(ApiModel):
-    """What the training pod asks the scheduler for."""
+class ResourcesSpec(CrossFieldRules, ApiModel):
+    """What the training pods ask the scheduler for: `nodes` pods of `count` GPUs each, one process per GPU."""
 
     gpu: GpuClass = Field(
         GpuClass.L40S_48GB, description="GPU class; mapped to node labels and tolerations by the operator's config."
     )
     count: StrictInt = Field(
-        1, ge=1, le=1, description="GPUs per job (training uses one GPU; multi-GPU is not supported yet)."
+        1,
+        ge=1,
+        le=MAX_GPUS_PER_NODE,
+        description="GPUs per pod (per node): one training process each, under torchrun. The world size is "
+        "count x nodes; each optimiser step sees worldSize x batchSize x gradientAccumulation pairs.",
+    )
+    nodes: StrictInt = Field(
+        1,
+        ge=1,
+        le=MAX_NODES,
+        description="Nodes (pods) the job spans, admitted and restarted together as one group: above 1 the "
+        "operator runs an Indexed Job with a headless Service for torchrun's rendezvous.",
     )
     cpu: Annotated[str, Field(max_length=32, pattern=QUANTITY)] = Field("4", description="CPU request.")
     memory: Annotated[str, Field(max_length=32, pattern=QUANTITY)] = Field(
         "48Gi", description="Memory request and limit."
     )
     model_cache_claim: Annotated[str, Field(max_length=253, pattern=K8S_NAME)] | None = Field(
-        None, description="PersistentVolumeClaim mounted as the model cache, so the base weights download once."
+        None,
+        description="PersistentVolumeClaim mounted as the model cache, so the base weights download once "
+        "(with nodes > 1 every pod mounts it: it must be ReadWriteMany or ReadOnlyMany).",
     )
+
+    cross_field_rules: ClassVar[tuple[CrossFieldRule, ...]] = (
+        CrossFieldRule(
+            cel=f"self.count * self.nodes <= {MAX_WORLD_SIZE}",
+            message=f"count x nodes (the world size) must be at most {MAX_WORLD_SIZE}: one optimiser step would "
+            "see more pairs than a LoRA dataset holds",
+            field_path=".nodes",
+            holds=lambda r: r.world_size <= MAX_WORLD_SIZE,
+        ),
+    )
+
+    @property
+    def world_size(self) -> int:
+        """Training processes: one per GPU, on every node."""
+        return self.count * self.nodes
 
 
 class RunPolicySpec(ApiModel):
@@ -485,13 +537,21 @@ class KontextLoRAJobSpec(CrossFieldRules, ApiModel):
         ),
     )
 
-    def total_steps(self, pairs: int | None) -> int:
-        """Resolved step count: explicit steps, or pairs × autoStepsPerPair, or 3000 while pairs are unknown."""
+    def total_steps(self, pairs: int | None, world_size: int | None = None) -> int:
+        """Resolved step count: explicit steps, or pairs × autoStepsPerPair / world size (rounded up; 3000 pairs ×
+        steps while pairs are unknown). `world_size`: the processes actually training (default: the spec's)."""
         if isinstance(self.training.steps, int):
             return self.training.steps
-        if not pairs:
-            return AUTO_STEPS_WHEN_PAIRS_UNKNOWN
-        return pairs * self.training.auto_steps_per_pair
+        world = world_size or self.resources.world_size
+        single = pairs * self.training.auto_steps_per_pair if pairs else AUTO_STEPS_WHEN_PAIRS_UNKNOWN
+        return -(-single // world)
+
+    def effective_learning_rate(self, world_size: int | None = None) -> float:
+        """The learning rate the optimiser uses at this world size (learningRateScaling)."""
+        world = world_size or self.resources.world_size
+        scaling = self.training.learning_rate_scaling
+        factor = {LearningRateScaling.sqrt: world**0.5, LearningRateScaling.linear: float(world)}.get(scaling, 1.0)
+        return self.training.learning_rate * factor
 
     @property
     def lora_alpha(self) -> int:

@@ -4,8 +4,8 @@ Two writers share it without stepping on each other, each owning its own keys (m
 - the trainer (through a per-job Role limited to its own job): `stage`, progress (`step`, `totalSteps`,
   `loss`, `stepsPerSecond`, `etaSeconds`, `progressPercentage`, `learningRate`), `datasetPairs`,
   `preparation`, `checkpoints`, `lastCheckpoint`, `bestCheckpoint`, `loraUri`, `lastProgressTime` (the
-  preparation pod reports `stage: Preparing` and `preparation`, the training pod the rest);
-- the operator: `phase`, `conditions`, `message`, `reason`, `restarts`, `jobName`, `startTime`,
+  preparation pod reports `stage: Preparing` and `preparation`, the training pod's rank 0 the rest);
+- the operator: `phase`, `conditions`, `message`, `reason`, `restarts`, `jobName`, `worldSize`, `startTime`,
   `completionTime`, `observedGeneration`.
 The operator derives `phase` from the Kubernetes Job and the trainer's `stage`.
 """
@@ -121,6 +121,9 @@ class KontextLoRAJobStatus(ApiModel):
     observed_generation: int | None = None
     job_name: Annotated[str, Field(max_length=253)] | None = Field(
         None, description="The batch/v1 Job running the trainer."
+    )
+    world_size: int | None = Field(
+        None, ge=1, description="Training processes (GPUs) of the job: spec.resources count x nodes."
     )
     restarts: int = Field(0, ge=0, description="Times the trainer was restarted (failures and preemptions).")
     start_time: datetime | None = None

@@ -119,6 +119,7 @@ def object_path(kind: str, namespace: str, name: str | None = None) -> str:
     base = {
         "Job": "/apis/batch/v1/namespaces/{ns}/jobs",
         "ServiceAccount": "/api/v1/namespaces/{ns}/serviceaccounts",
+        "Service": "/api/v1/namespaces/{ns}/services",
         "Role": "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles",
         "RoleBinding": "/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings",
         "Event": "/api/v1/namespaces/{ns}/events",

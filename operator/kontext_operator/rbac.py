@@ -31,8 +31,9 @@ OPERATOR_RULES: list[PolicyRule] = [
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
     # Follow the trainer pods (scheduling failures, termination messages); never modified by the operator.
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-    # The per-job identity of the trainer pod, so its status patches are limited to its own job.
-    {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "create", "delete"]},
+    # The per-job identity of the trainer pod, so its status patches are limited to its own job; and the headless
+    # Service that gives a multi-node job's pods their rendezvous hostnames.
+    {"apiGroups": [""], "resources": ["serviceaccounts", "services"], "verbs": ["get", "create", "delete"]},
     {
         "apiGroups": ["rbac.authorization.k8s.io"],
         "resources": ["roles", "rolebindings"],

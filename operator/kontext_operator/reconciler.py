@@ -81,12 +81,18 @@ class Essentials:
     suspend: bool = False
     active_deadline_seconds: int | None = None
     errors: tuple[str, ...] = ()
+    world_size: int | None = None
+    backoff_limit: int = 0
 
 
 def trim_klj(body: Mapping[str, Any]) -> dict[str, Any]:
-    """What the operator keeps of a KontextLoRAJob in memory: no managedFields or annotations."""
+    """What the operator keeps of a KontextLoRAJob in memory: no managedFields, of the annotations only its own
+    count of group restarts."""
     metadata = body.get("metadata", {})
-    return {
+    kept = {
+        k: v for k, v in (metadata.get("annotations") or {}).items() if k == resources.GROUP_RESTARTS_ANNOTATION
+    }
+    trimmed = {
         "apiVersion": body.get("apiVersion"),
         "kind": body.get("kind"),
         "metadata": {
@@ -106,6 +112,9 @@ def trim_klj(body: Mapping[str, Any]) -> dict[str, Any]:
         "spec": dict(body.get("spec") or {}),
         "status": dict(body.get("status") or {}),
     }
+    if kept:
+        trimmed["metadata"]["annotations"] = kept
+    return trimmed
 
 
 def involved(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -117,6 +126,15 @@ def involved(body: Mapping[str, Any]) -> dict[str, Any]:
         "namespace": metadata["namespace"],
         "uid": metadata.get("uid"),
     }
+
+
+def group_restarts(body: Mapping[str, Any]) -> int:
+    """Failed groups of pods the operator has replaced (an annotation on the KontextLoRAJob)."""
+    value = ((body.get("metadata") or {}).get("annotations") or {}).get(resources.GROUP_RESTARTS_ANNOTATION)
+    try:
+        return max(int(value or 0), 0)
+    except ValueError:
+        return 0
 
 
 def finished(body: Mapping[str, Any]) -> bool:
@@ -272,7 +290,9 @@ class Reconciler:
         if full and not finished(body):
             uid, generation = body["metadata"].get("uid"), body["metadata"].get("generation")
             live = self.live_job(key, uid)
-            if live is None or self._ensured.get(key) != (uid, generation) or key in self.problems:
+            stale = live is None or self._ensured.get(key) != (uid, generation) or key in self.problems
+            # A failed group of pods is replaced by the reconcile even when the generation was already brought to it.
+            if stale or self.group_restart(body, live, self.essentials(key, body).backoff_limit):
                 if live is None and self._had_job(body):
                     await self.sync(*key)  # say JobMissing before making it again
                 if not await self._confirm(key):
@@ -316,6 +336,8 @@ class Reconciler:
                 metadata.get("generation"),
                 job.spec.suspend,
                 job.spec.run_policy.active_deadline_seconds,
+                world_size=job.spec.resources.world_size,
+                backoff_limit=job.spec.run_policy.backoff_limit,
             )
         self._essentials[key] = found
         return found
@@ -402,12 +424,18 @@ class Reconciler:
                 active_deadline_seconds=essentials.active_deadline_seconds,
                 preparation=preparation,
                 preparation_pods=self.pods(key, preparation["uid"]) if preparation and not batch else [],
+                group_restarts=group_restarts(body),
+                group_restart=self.group_restart(body, batch, essentials.backoff_limit),
             )
             problem = self.problems.get(key)
             if problem and not observation.job_exists and observation.phase == Phase.Pending:
                 observation = replace(observation, reason=problem.reason, message=problem.message)
         desired = desired_status(
-            status, observation, job_name=resources.child_name(key[1]), generation=metadata.get("generation")
+            status,
+            observation,
+            job_name=resources.child_name(key[1]),
+            generation=metadata.get("generation"),
+            world_size=essentials.world_size,
         )
         self.phases.set(key, desired["phase"])
         patch = status_patch(status, desired)
@@ -525,6 +553,8 @@ class Reconciler:
             # Prepared: the GPU Job, now (its first status goes out with it).
             return await self._create_job(body, key, desired, uid)
         await self._ensure_rbac(key, job, uid)
+        if why := self.group_restart(body, trainer, job.spec.run_policy.backoff_limit):
+            await self._restart_group(body, key, trainer, why)
         if trainer.get("specHash") != desired["metadata"]["annotations"][resources.SPEC_HASH_ANNOTATION]:
             await self._spec_drift(body, job, trainer, owned)
         await self._apply_to_job(body, job, trainer)
@@ -565,8 +595,49 @@ class Reconciler:
         else:
             self._rbac_known.add(key)
 
+    # ---- a group of pods (nodes > 1): one Job, failed and replaced as a whole -------------------------------
+
+    def group_restart(self, body: Mapping[str, Any], trainer: dict | None, backoff_limit: int) -> str | None:
+        """Why the failed GPU Job of a multi-node job is being replaced with a new group, or None (not a group, not
+        failed, no restart left, or failed for good: its deadline passed)."""
+        if trainer is None or trainer.get("nodes", 1) <= 1 or trainer.get("deleting"):
+            return None
+        conditions = (trainer.get("status") or {}).get("conditions") or []
+        failed = next(
+            (c for c in conditions if c.get("type") in ("Failed", "FailureTarget") and c.get("status") == "True"), None
+        )
+        if failed is None or failed.get("reason") == "DeadlineExceeded":
+            return None
+        done = group_restarts(body)
+        if done >= backoff_limit:
+            return None
+        return (
+            f"restart {done + 1} of {backoff_limit}: {failed.get('message') or failed.get('reason')}; replacing all "
+            f"{trainer['nodes']} pods, which resume from the last checkpoint"
+        )
+
+    async def _restart_group(self, body: Mapping[str, Any], key: Key, trainer: dict, why: str) -> None:
+        """Count the restart on the KontextLoRAJob, then delete the failed Job in the foreground: its replacement
+        is made only once every pod of the old group is gone (never two groups at once, no stale rendezvous)."""
+        count = group_restarts(body) + 1
+        await self.kube.merge_patch(
+            klj_path(*key),
+            {"metadata": {"annotations": {resources.GROUP_RESTARTS_ANNOTATION: str(count)}}},
+            order=self._order.get(key),
+        )
+        path = object_path("Job", key[0], trainer["name"])
+        await self.kube.delete(path, propagation="Foreground", uid=trainer["uid"])
+        await self.event(body, "Warning", "GroupRestart", why)
+        raise Retry(f"replacing the failed group of {trainer['name']}", 1, error=False)
+
     async def _create_job(self, body: Mapping[str, Any], key: Key, desired: dict, uid: str | None) -> dict:
-        """The batch Job (or the one an earlier run made), trimmed; the job's first status goes out with it."""
+        """The batch Job (or the one an earlier run made), trimmed; the job's first status goes out with it. A
+        multi-node GPU Job gets its headless Service first (the pods' hostnames resolve through it)."""
+        if desired["spec"].get("completionMode") == "Indexed":
+            try:
+                await self._create_or_adopt(key, resources.rendezvous_service(self.validate(body)), uid)
+            except KubeError as error:
+                raise self._create_failed(key, error) from None
         try:
             batch, created = await self._create_or_adopt(key, desired, uid)
         except KubeError as error:

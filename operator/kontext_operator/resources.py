@@ -47,6 +47,17 @@ KUEUE_LABELS = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
 
 CONTAINER = "trainer"
 TRAINER_COMMAND = ["kontext-lora", "train", "--from-env"]
+# A world above one GPU: torchrun starts one trainer process per GPU of the pod (`--no-python`: the console script
+# itself); its rendezvous settings come from the PET_* variables below, as Kubeflow Trainer's torch plugin sets them.
+TORCHRUN_COMMAND = ["torchrun", "--no-python", *TRAINER_COMMAND]
+# Kubeflow Trainer's `ContainerTrainerPort` (pkg/constants/constants.go), torchrun's default master port too.
+RENDEZVOUS_PORT = 29500
+# The index of an Indexed Job's pod, as Kubeflow Trainer's torch plugin reads it for PET_NODE_RANK.
+COMPLETION_INDEX_FIELD = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+# The GPU Job's node count (a group of pods that fails and restarts as one when above 1).
+NODES_ANNOTATION = "kontext-lora.io/nodes"
+# On the KontextLoRAJob: times the operator replaced a failed group of pods (counted in runPolicy.backoffLimit).
+GROUP_RESTARTS_ANNOTATION = "kontext-lora.io/group-restarts"
 PREPARE_COMMAND = ["kontext-lora", "prepare", "--from-env"]
 # A preparation pod stops at once on SIGTERM (nothing to save): Kubernetes' default grace period is plenty.
 PREPARATION_GRACE_SECONDS = 30
@@ -97,6 +108,12 @@ def child_labels(job: KontextLoRAJob, role: str | None = None) -> dict[str, str]
     if role is not None:
         labels[ROLE_LABEL] = role
     return labels
+
+
+def rendezvous_service_name(job_name: str) -> str:
+    """The headless Service of a multi-node job: the GPU Job's name (a DNS-1035 label: a leading digit is prefixed)."""
+    name = child_name(job_name)
+    return name if name[0].isalpha() else child_name(f"klj-{job_name}")
 
 
 def _metadata(job: KontextLoRAJob, name: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
@@ -216,7 +233,33 @@ def trainer_env(job: KontextLoRAJob, config: OperatorConfig) -> list[dict[str, A
     if config.preparation.enabled:
         # The preparation Job ran first: start from its manifest (<output.uri>preparation.json).
         env.append({"name": "KONTEXT_LORA_PREPARED", "value": "true"})
-    return env
+    return env + rendezvous_env(job, config)
+
+
+def rendezvous_env(job: KontextLoRAJob, config: OperatorConfig) -> list[dict[str, Any]]:
+    """torchrun's settings (it reads `PET_<OPTION>` for each `--<option>`), named and filled as Kubeflow Trainer's
+    torch plugin does (pkg/runtime/framework/plugins/torch/torch.go): nodes, processes per node, this pod's node rank
+    from its completion index, and node rank 0's stable hostname behind the headless Service. One node: the
+    rendezvous is inside the pod. Empty for a world of one (no torchrun)."""
+    resources = job.spec.resources
+    if resources.world_size == 1:
+        return []
+    multi_node = resources.nodes > 1
+    master = (
+        f"{child_name(job.metadata.name)}-0.{rendezvous_service_name(job.metadata.name)}" if multi_node else "127.0.0.1"
+    )
+    rank: dict[str, Any] = (
+        {"valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX_FIELD}}} if multi_node else {"value": "0"}
+    )
+    return [
+        {"name": "PET_NNODES", "value": str(resources.nodes)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(resources.count)},
+        {"name": "PET_NODE_RANK", **rank},
+        {"name": "PET_MASTER_ADDR", "value": master},
+        {"name": "PET_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        # torchrun forwards the pod's SIGTERM to its ranks; they need the grace period to save the checkpoint.
+        {"name": "PET_SHUTDOWN_TIMEOUT", "value": str(max(config.trainer.termination_grace_period_seconds - 5, 5))},
+    ]
 
 
 def preparation_env(job: KontextLoRAJob, config: OperatorConfig) -> list[dict[str, Any]]:
@@ -235,6 +278,18 @@ def template_hash(job: KontextLoRAJob) -> str:
 
 def suspend_value(suspend: bool) -> str:
     return "true" if suspend else "false"
+
+
+def group_failure_policy() -> dict[str, Any]:
+    """A multi-node GPU Job fails as a whole at its first failed pod (the Job controller then stops the others), so
+    no pod ever rejoins a half-dead rendezvous; the operator replaces the whole group, like JobSet's failurePolicy,
+    counting each replacement in runPolicy.backoffLimit (reconciler.py)."""
+    return {
+        "rules": [
+            {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "NotIn", "values": [0]}},
+            {"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        ]
+    }
 
 
 def pod_failure_policy() -> dict[str, Any]:
@@ -361,6 +416,9 @@ def batch_job(job: KontextLoRAJob, config: OperatorConfig) -> dict[str, Any]:
         },
     )
     container["ports"] = [{"name": "metrics", "containerPort": config.trainer.metrics_port, "protocol": "TCP"}]
+    if spec.resources.world_size > 1:
+        container["command"] = list(TORCHRUN_COMMAND)
+        container["ports"].append({"name": "rendezvous", "containerPort": RENDEZVOUS_PORT, "protocol": "TCP"})
     container["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
     pod_spec = _pod_spec(job, config, container, config.trainer.work_dir_size_limit)
     pod_spec["volumes"].append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}})
@@ -376,16 +434,44 @@ def batch_job(job: KontextLoRAJob, config: OperatorConfig) -> dict[str, Any]:
     pod_spec["terminationGracePeriodSeconds"] = config.trainer.termination_grace_period_seconds
     if config.trainer.priority_class_name:
         pod_spec["priorityClassName"] = config.trainer.priority_class_name
-    return _job(
+    nodes = spec.resources.nodes
+    if nodes > 1:
+        # Stable hostnames <job>-<index>.<service> for the rendezvous (PET_MASTER_ADDR names index 0's).
+        pod_spec["subdomain"] = rendezvous_service_name(job.metadata.name)
+    manifest = _job(
         job,
         child_name(job.metadata.name),
         job_labels,
         {**config.trainer.labels, **labels},
         dict(config.trainer.annotations),
         pod_spec,
-        spec.run_policy.backoff_limit,
+        0 if nodes > 1 else spec.run_policy.backoff_limit,
         spec.run_policy.active_deadline_seconds,
     )
+    if nodes > 1:
+        manifest["spec"].update(
+            completionMode="Indexed", completions=nodes, parallelism=nodes, podFailurePolicy=group_failure_policy()
+        )
+        manifest["metadata"]["annotations"][NODES_ANNOTATION] = str(nodes)
+    return manifest
+
+
+def rendezvous_service(job: KontextLoRAJob) -> dict[str, Any]:
+    """The headless Service that gives a multi-node job's pods their stable DNS names (`<job>-<index>.<service>`);
+    published before the pods are ready, since the rendezvous happens before any readiness could be reported."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, rendezvous_service_name(job.metadata.name)),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {JOB_LABEL: job.metadata.name, ROLE_LABEL: TRAIN_ROLE},
+            "ports": [
+                {"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT, "protocol": "TCP"}
+            ],
+        },
+    }
 
 
 def preparation_job(job: KontextLoRAJob, config: OperatorConfig) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from .resources import (
     EXIT_MODEL_ACCESS_DENIED,
     EXIT_STORAGE_UNREACHABLE,
     JOB_LABEL,
+    NODES_ANNOTATION,
     ROLE_LABEL,
     SPEC_HASH_ANNOTATION,
     SUSPEND_ANNOTATION,
@@ -34,6 +35,7 @@ OPERATOR_KEYS = (
     "conditions",
     "restarts",
     "jobName",
+    "worldSize",
     "startTime",
     "completionTime",
     "observedGeneration",
@@ -67,6 +69,7 @@ def trim_job(body: dict[str, Any]) -> dict[str, Any]:
         "uid": metadata.get("uid"),
         "owners": [ref.get("uid") for ref in metadata.get("ownerReferences") or []],
         "specHash": (metadata.get("annotations") or {}).get(SPEC_HASH_ANNOTATION),
+        "nodes": int((metadata.get("annotations") or {}).get(NODES_ANNOTATION) or 1),
         "appliedSuspend": (metadata.get("annotations") or {}).get(SUSPEND_ANNOTATION),
         "deleting": bool(metadata.get("deletionTimestamp")),
         "suspend": bool(spec.get("suspend")),
@@ -215,9 +218,26 @@ def observe(
     active_deadline_seconds: int | None = None,
     preparation: dict | None = None,
     preparation_pods: list[dict] = (),  # type: ignore[assignment]
+    group_restarts: int = 0,
+    group_restart: str | None = None,
 ) -> Observation:
     """Where the job stands, from its batch Job (None: not created yet or gone), its pods, its preparation Job and
-    pods (what the phase follows while there is no batch Job: before the GPU is requested) and the current status."""
+    pods (what the phase follows while there is no batch Job: before the GPU is requested) and the current status.
+    `group_restarts`: failed groups of pods the operator replaced so far; `group_restart`: why the failed Job's group
+    is being replaced now (the Job's failure is then a restart, not the job's end)."""
+    job_status = (job or {}).get("status") or {}
+    if group_restart is not None and (_condition(job_status.get("conditions"), "Failed") or _condition(
+        job_status.get("conditions"), "FailureTarget"
+    )):
+        return Observation(
+            Phase.Pending,
+            "Restarting",
+            group_restart,
+            group_restart,
+            max(int(status.get("restarts") or 0), group_restarts),
+            status.get("startTime") or job_status.get("startTime"),
+            job_exists=True,
+        )
     observation = _observe(
         job,
         pods,
@@ -230,6 +250,8 @@ def observe(
     if job is not None and preparation is not None and _prepared(preparation):
         # The GPU Job is made in the same reconcile that sees the preparation complete: say so here too.
         observation = replace(observation, prepared=True, prepared_message=_prepared_message(preparation, status))
+    if group_restarts > observation.restarts:
+        observation = replace(observation, restarts=group_restarts)
     return observation
 
 
@@ -524,7 +546,13 @@ class Conditions:
 
 
 def desired_status(
-    current: dict, observation: Observation, *, job_name: str, generation: int | None, now: str | None = None
+    current: dict,
+    observation: Observation,
+    *,
+    job_name: str,
+    generation: int | None,
+    world_size: int | None = None,
+    now: str | None = None,
 ) -> dict:
     """The operator's keys of the status for an observation, keeping condition transition times that hold."""
     now = now or now_iso()
@@ -561,6 +589,8 @@ def desired_status(
         "jobName": job_name,
         "observedGeneration": generation,
     }
+    if world_size is not None:
+        desired["worldSize"] = world_size
     if obs.start_time:
         desired["startTime"] = obs.start_time
     if obs.completion_time and obs.phase.finished:

@@ -99,3 +99,10 @@ def test_operator_scale_smoke(tmp_path: Path) -> None:
         assert phase["burst_latency"]["n"] == phase["jobs"]
         assert sum(phase["states"].values()) == phase["jobs"]
     assert result["operator_peak_rss_mb"] > 0
+
+
+@pytest.mark.slow
+def test_scaling_smoke(tmp_path: Path) -> None:
+    output, result = run_bench("scaling", tmp_path)
+    assert "ratio world 2/world 1" in output and "efficiency" in output
+    assert set(result["samples_per_second"]) == {"1", "2"} and result["ratio"] > 0

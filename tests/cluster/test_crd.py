@@ -25,7 +25,14 @@ def test_crd_is_established_with_printer_columns_and_short_name(crd: Cluster) ->
     out = json.loads(crd.kubectl("get", "crd", "kontextlorajobs.kontext-lora.io", "-o", "json").stdout)
     version = out["spec"]["versions"][0]
     assert out["spec"]["names"]["shortNames"] == ["klj"]
-    assert [c["name"] for c in version["additionalPrinterColumns"]][:5] == ["Phase", "Step", "Loss", "GPU", "Age"]
+    assert [c["name"] for c in version["additionalPrinterColumns"]][:6] == [
+        "Phase",
+        "Step",
+        "Loss",
+        "GPU",
+        "World",
+        "Age",
+    ]
     assert version["subresources"] == {"status": {}}
     assert "kontextlorajob" in crd.kubectl("api-resources", "--api-group=kontext-lora.io").stdout
     # The apiserver publishes the CRD's OpenAPI (what `kubectl explain` reads) a moment after Established.

@@ -21,7 +21,8 @@ minus containers:
 - deletion: SIGTERM, SIGKILL after the grace period (the pod's `deletionGracePeriodSeconds`; a forced deletion's 0
   becomes 1 s, as on a kubelet), terminal status, then the final delete.
 
-`kill_pod()` SIGKILLs a pod's process (node failure / OOM for the fault-injection tests). Runs in threads of the
+`kill_pod()` SIGKILLs a pod's processes, all of them as a container runtime would (node failure / OOM for the
+fault-injection tests). Runs in threads of the
 test process; logs of each pod's process are in `root/pods/<namespace>_<name>/log`.
 """
 
@@ -74,6 +75,21 @@ def expand(value: str, env: Mapping[str, str]) -> str:
     parts = value.split("$$")
     expanded = [VAR_REFERENCE.sub(lambda m: env.get(m.group(1), m.group(0)), part) for part in parts]
     return "$".join(expanded)
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (children, their children...), read from /proc."""
+    found: list[int] = []
+    pending = [pid]
+    while pending:
+        parent = pending.pop()
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except OSError:
+            continue
+        found += [int(c) for c in children]
+        pending += [int(c) for c in children]
+    return found
 
 
 class ConfigError(Exception):
@@ -617,8 +633,14 @@ class NodeAgent:
 
     def _signal(self, running: RunningPod, sig: int) -> None:
         if running.process and running.process.poll() is None:
+            # A container's SIGKILL ends every process in it; launchers such as torchrun start their workers in
+            # sessions of their own, which the process group alone would miss.
+            descendants = _descendants(running.process.pid) if sig == signal.SIGKILL else []
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(running.process.pid, sig)
+            for pid in descendants:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
 
     def _terminate(self, running: RunningPod) -> None:
         """Graceful deletion: SIGTERM, SIGKILL after the grace period; `_run` then reports and deletes."""

@@ -156,10 +156,11 @@ def test_lora_loads_into_flux_kontext_pipeline_and_changes_its_output(demo: Demo
         with_lora = edit()
     finally:
         pipeline.unload_lora_weights()
-    # The edit is local (the shape's pixels): measured 0.0067 mean and 0.115 largest change under the sigmoid default
-    # (its LoRA leaves the background closer to the base's than the former shift default's did: 0.01 mean then).
-    change = (with_lora - base).abs()
-    assert change.mean() > 0.003 and change.max() > 0.05
+    # The edit touches the shape's pixels only (a few percent of the image): measured, 5.5% of the pixels move by
+    # more than 0.05 with the demo's LoRA after 2 sampling steps (mean change over the whole image 0.006-0.007; the
+    # sigmoid default's LoRA leaves the background closer to the base's than the former shift default's did).
+    moved = ((with_lora - base).abs().amax(dim=1) > 0.05).float().mean()
+    assert moved > 0.01, f"the LoRA moved {moved:.2%} of the pixels"
     torch.testing.assert_close(edit(), base)  # unloading restores the base model
 
 

@@ -25,22 +25,46 @@ def test_defaults_follow_the_users_guide() -> None:
     assert spec.training.steps == "auto"
     assert (spec.checkpoints.save_every, spec.checkpoints.keep) == (250, 4)
     assert spec.dataset.resolution == 1024
+    assert (spec.resources.count, spec.resources.nodes, spec.resources.world_size) == (1, 1, 1)
+    assert spec.training.learning_rate_scaling == "sqrt"
 
 
 @pytest.mark.parametrize(
-    ("steps", "per_pair", "pairs", "expected"),
+    ("steps", "per_pair", "pairs", "count", "nodes", "expected"),
     [
-        ("auto", 100, None, 3000),
-        ("auto", 100, 57, 5700),
-        ("auto", 150, 20, 3000),
-        (6000, 100, 57, 6000),
+        ("auto", 100, None, 1, 1, 3000),
+        ("auto", 100, 57, 1, 1, 5700),
+        ("auto", 150, 20, 1, 1, 3000),
+        (6000, 100, 57, 1, 1, 6000),
+        # steps: auto keeps the epochs of one GPU, in 1/world of the steps (rounded up); explicit steps stay.
+        ("auto", 100, 57, 4, 1, 1425),
+        ("auto", 100, 57, 2, 2, 1425),
+        ("auto", 100, 20, 8, 2, 125),
+        ("auto", 100, 57, 8, 1, 713),
+        ("auto", 100, None, 2, 1, 1500),
+        (6000, 100, 57, 8, 2, 6000),
     ],
 )
-def test_total_steps(steps, per_pair, pairs, expected) -> None:
+def test_total_steps(steps, per_pair, pairs, count, nodes, expected) -> None:
     document = valid_job()
     document["spec"]["training"] = {"steps": steps, "autoStepsPerPair": per_pair}
-    document["spec"]["checkpoints"]["saveEvery"] = 250
-    assert parse_job(document).spec.total_steps(pairs) == expected
+    document["spec"]["checkpoints"]["saveEvery"] = 100
+    document["spec"]["resources"].update(count=count, nodes=nodes)
+    spec = parse_job(document).spec
+    assert spec.resources.world_size == count * nodes
+    assert spec.total_steps(pairs) == expected
+
+
+@pytest.mark.parametrize(
+    ("scaling", "world", "expected"), [("sqrt", 1, 1e-4), ("sqrt", 4, 2e-4), ("linear", 4, 4e-4), ("none", 16, 1e-4)]
+)
+def test_learning_rate_follows_the_world_size(scaling, world, expected) -> None:
+    document = valid_job()
+    document["spec"]["training"].update(learningRate=1e-4, learningRateScaling=scaling)
+    document["spec"]["resources"].update(count=world if world <= 8 else 8, nodes=1 if world <= 8 else world // 8)
+    spec = parse_job(document).spec
+    assert spec.resources.world_size == world
+    assert spec.effective_learning_rate() == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=lambda p: p.name)

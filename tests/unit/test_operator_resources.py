@@ -240,3 +240,60 @@ def test_hub_token_reaches_both_pods_by_secret_reference_only() -> None:
         }
         assert "HF_TOKEN" not in env_of(build(not_hub, config)), "only a hub model needs the token"
         assert "HF_TOKEN" not in env_of(build(defaulted, OperatorConfig()))
+
+
+def test_one_gpu_keeps_the_plain_trainer_and_one_pod() -> None:
+    manifest = resources.batch_job(make_job(), OperatorConfig())
+    container = manifest["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == resources.TRAINER_COMMAND
+    assert not any(name.startswith("PET_") for name in env_of(manifest))
+    assert "completionMode" not in manifest["spec"] and manifest["spec"]["parallelism"] == 1
+
+
+def test_several_gpus_on_one_node_run_torchrun_in_one_pod() -> None:
+    manifest = resources.batch_job(make_job(resources={"count": 4}), OperatorConfig())
+    spec = manifest["spec"]
+    container = spec["template"]["spec"]["containers"][0]
+    assert container["command"] == ["torchrun", "--no-python", "kontext-lora", "train", "--from-env"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    env = env_of(manifest)
+    assert {k: env[k].get("value") for k in ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK")} == {
+        "PET_NNODES": "1",
+        "PET_NPROC_PER_NODE": "4",
+        "PET_NODE_RANK": "0",
+    }
+    assert env["PET_MASTER_ADDR"]["value"] == "127.0.0.1" and env["PET_MASTER_PORT"]["value"] == "29500"
+    assert (spec["completions"], spec["parallelism"]) == (1, 1) and "completionMode" not in spec
+    assert "subdomain" not in spec["template"]["spec"]
+
+
+def test_several_nodes_make_an_indexed_job_with_a_headless_service_failing_as_one_group() -> None:
+    job = make_job(resources={"count": 2, "nodes": 3}, runPolicy={"backoffLimit": 4})
+    manifest = resources.batch_job(job, OperatorConfig())
+    spec, pod = manifest["spec"], manifest["spec"]["template"]["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 3, 3)
+    assert pod["subdomain"] == "jewels-trainer"
+    env = env_of(manifest)
+    assert env["PET_NNODES"]["value"] == "3" and env["PET_NPROC_PER_NODE"]["value"] == "2"
+    assert env["PET_NODE_RANK"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+    }
+    # Index 0's stable hostname <job>-0 under the Service's subdomain.
+    assert env["PET_MASTER_ADDR"]["value"] == "jewels-trainer-0.jewels-trainer"
+    assert int(env["PET_SHUTDOWN_TIMEOUT"]["value"]) < pod["terminationGracePeriodSeconds"]
+    # Any failed pod fails the whole Job (the operator replaces the group, counting runPolicy.backoffLimit).
+    assert spec["backoffLimit"] == 0
+    assert spec["podFailurePolicy"]["rules"][0] == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "trainer", "operator": "NotIn", "values": [0]},
+    }
+    assert manifest["metadata"]["annotations"][resources.NODES_ANNOTATION] == "3"
+    ports = {p["name"]: p["containerPort"] for p in pod["containers"][0]["ports"]}
+    assert ports["rendezvous"] == 29500
+
+    service = resources.rendezvous_service(job)
+    assert service["metadata"]["name"] == "jewels-trainer"
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"] == {resources.JOB_LABEL: "jewels", resources.ROLE_LABEL: "train"}
+    assert service["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    assert resources.rendezvous_service_name("7up") == "klj-7up-trainer", "Service names must start with a letter"

@@ -280,3 +280,21 @@ def test_warnings_of_a_preparation_become_one_warning_event_when_it_is_done() ->
     assert "notes.md" in next(e.message for e in events if e.reason == "PreparationWarnings")
     again = transitions({**current, **desired}, desired)
     assert not [e for e in again if e.reason == "PreparationWarnings"], "once"
+
+
+def test_a_failed_group_being_replaced_is_restarting_not_failed() -> None:
+    failed_group = job([("Failed", {"reason": "PodFailurePolicy", "message": "pod j-trainer-1 failed"})], failed=1)
+    why = "restart 1 of 3: pod j-trainer-1 failed; replacing all 2 pods, which resume from the last checkpoint"
+    obs = observe(failed_group, [], {"restarts": 0}, suspend=False, group_restarts=1, group_restart=why)
+    assert (obs.phase, obs.reason, obs.restarts) == (Phase.Pending, "Restarting", 1)
+    assert obs.message == why and obs.completion_time is None
+    # Without a restart left (group_restart None) the same Job is the job's failure, the restarts kept.
+    final = observe(failed_group, [], {"restarts": 3}, suspend=False, group_restarts=3)
+    assert final.phase == Phase.Failed and final.restarts == 3
+
+
+def test_world_size_is_written_by_the_operator() -> None:
+    obs = observe(None, [], {}, suspend=False)
+    desired = desired_status({}, obs, job_name="j-trainer", generation=1, world_size=4)
+    assert desired["worldSize"] == 4
+    assert "worldSize" not in desired_status({}, obs, job_name="j-trainer", generation=1)

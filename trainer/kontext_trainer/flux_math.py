@@ -260,8 +260,10 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> to
 
 
 def guidance_vector(transformer: torch.nn.Module, scale: float, batch_size: int, device) -> torch.Tensor | None:
-    """The guidance-embedding input (None for models without one), as the pipeline builds it."""
-    if not getattr(transformer.config, "guidance_embeds", False):
+    """The guidance-embedding input (None for models without one), as the pipeline builds it. `transformer` may be
+    wrapped (DistributedDataParallel keeps the model in `.module`)."""
+    model = getattr(transformer, "module", transformer)
+    if not getattr(model.config, "guidance_embeds", False):
         return None
     return torch.full((batch_size,), float(scale), device=device, dtype=torch.float32)
 

@@ -29,6 +29,9 @@ class TrainerMetrics:
         self.total_steps = gauge("kontext_train_total_steps", "Optimiser steps the run will take.")
         self.learning_rate = gauge("kontext_train_learning_rate", "Current learning rate.")
         self.gpu_memory = gauge("kontext_train_gpu_memory_bytes", "GPU memory allocated by the trainer (0 on CPU).")
+        self.world_size = gauge(
+            "kontext_train_world_size", "Training processes (GPUs) of the job; rank 0 alone exports the series."
+        )
         self.dataset_pairs = gauge("kontext_dataset_pairs", "Valid control/target pairs in the dataset.")
         self.validation_loss = gauge("kontext_train_validation_loss", "Held-out loss at the newest checkpoint.")
         self.edit_score = gauge(
@@ -45,6 +48,7 @@ class TrainerMetrics:
             "kontext_train_checkpoints_saved_total", "Checkpoints written and uploaded.", LABELS, registry=self.registry
         ).labels(**labels)
         self.gpu_memory.set(0)
+        self.world_size.set(1)
         self._server = None
 
     def serve(self, port: int, address: str = "0.0.0.0") -> None:

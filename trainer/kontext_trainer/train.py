@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from kontext_lora.api import KontextLoRAJob, Stage
 from kontext_lora.api.status import CheckpointRecord
 
+from .distributed import World, quiet_other_ranks, rank_settings_update
+from .errors import TrainerError
 from .logs import fields
 from .model.speed import require_supported_attention
 from .settings import TrainerSettings
@@ -28,7 +30,7 @@ from .stages.checkpointing import Checkpointer
 from .stages.environment import RunEnvironment, fmt
 from .stages.loop import train
 from .stages.preparation import PreparedInputs, load_prepared, prepare_inputs
-from .stages.setup import download, set_up
+from .stages.setup import announce_world, download, encode, set_up
 from .train_step import require_supported_precision
 
 log = logging.getLogger(__name__)
@@ -56,10 +58,21 @@ class RunResult:
 
 
 class TrainingRun:
-    def __init__(self, job: KontextLoRAJob, settings: TrainerSettings, stop: StopSignals | None = None):
+    def __init__(
+        self,
+        job: KontextLoRAJob,
+        settings: TrainerSettings,
+        stop: StopSignals | None = None,
+        world: World | None = None,
+    ):
+        world = world or World.from_env()
+        settings = settings.model_copy(
+            update=rank_settings_update(world, settings.work_dir, settings.termination_log)
+        )
+        quiet_other_ranks(world)
         self.job = job
         self.settings = settings
-        self.env = RunEnvironment.create(job, settings, stop)
+        self.env = RunEnvironment.create(job, settings, stop, world)
         self.checkpointer = Checkpointer(self.env)
 
     def run(self) -> RunResult:
@@ -73,20 +86,27 @@ class TrainingRun:
             env.metrics.close()
 
     def _run(self, started: float) -> RunResult:
-        env, checkpointer = self.env, self.checkpointer
+        env, checkpointer, world = self.env, self.checkpointer, self.env.world
         require_supported_precision(env.spec.model.dtype)  # before anything is downloaded
         require_supported_attention(env.spec.training.attention_backend)
-        inputs: PreparedInputs | None = None
-        if self.settings.prepared:
-            env.stage(Stage.Downloading)
-            inputs = load_prepared(env)
-        if inputs is None:
-            env.stage(Stage.Preparing)
-            inputs = prepare_inputs(env)
-            env.stage(Stage.Downloading)
-        prepared = download(env, inputs, checkpointer)
+        world.accelerator(env.spec.model.dtype, env.spec.training.gradient_accumulation)  # joins the process group
+        announce_world(env)
+        with world.in_turn():  # rank 0 writes first; the others then find it written (distributed.py)
+            inputs: PreparedInputs | None = None
+            if self.settings.prepared:
+                env.stage(Stage.Downloading)
+                inputs = load_prepared(env)
+            if inputs is None:
+                if not world.main:
+                    raise TrainerError(f"{world.describe()}: rank 0 wrote no preparation manifest to start from")
+                env.stage(Stage.Preparing)
+                inputs = prepare_inputs(env)
+                env.stage(Stage.Downloading)
+            prepared = download(env, inputs, checkpointer)
+            encoded = encode(env, prepared)
+        prepared.complete = world.same_checkpoint(prepared.complete, prepared.store.storage.uri())
         env.stage(Stage.Training, step=0, total_steps=prepared.total_steps)
-        ctx, step_fn, train_set = set_up(env, prepared, checkpointer)
+        ctx, step_fn, train_set = set_up(env, prepared, checkpointer, encoded)
         # From the first step on, a stop signal waits for a safe point (signals.py).
         with env.stop.deferred("finishing the step in progress, then saving a checkpoint and exiting"):
             step_seconds = train(env, ctx, step_fn, train_set, checkpointer)

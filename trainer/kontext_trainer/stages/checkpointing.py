@@ -1,7 +1,7 @@
 """The run's side of checkpoints: what one holds, the status records of those kept, resuming, the final LoRA.
 
 Where checkpoints live and how they are published and rotated is `checkpoints.py`'s; this module decides what
-goes into one (the LoRA, the resumable state, the held-out loss and preview) and restores a run from one.
+goes into one (the LoRA, the resumable state, the held-out loss, edit scores and preview) and restores a run from one.
 """
 
 from __future__ import annotations
@@ -60,6 +60,42 @@ class Checkpointer:
             "target_modules": target_pattern(spec.lora),
         }
 
+    def _schedule(self, total_steps: int) -> dict[str, Any]:
+        """What a resumed run's optimisation must share with the checkpoint's: the world size it was taken at, the
+        learning rate that world size gave, and the step count."""
+        world = self.env.world.size
+        return {
+            "world_size": world,
+            "learning_rate": self.env.spec.effective_learning_rate(world),
+            "total_steps": total_steps,
+        }
+
+    def _same_schedule(self, state: dict[str, Any], total_steps: int, where: str) -> None:
+        """A checkpoint from another world size resumes when its learning rate and step count are this run's (the
+        LoRA, AdamW's moments and the schedule's position do not depend on the world size); otherwise it is refused,
+        saying why: the rest of the run would follow another schedule than the steps already taken."""
+        saved = state.get("schedule") or {"world_size": 1, "total_steps": state.get("total_steps")}
+        now = self._schedule(total_steps)
+        if saved.get("world_size", 1) == now["world_size"]:
+            return
+        saved_lr = saved.get("learning_rate", self.env.spec.effective_learning_rate(saved.get("world_size", 1)))
+        if abs(saved_lr - now["learning_rate"]) <= 1e-12 * now["learning_rate"] and saved.get(
+            "total_steps"
+        ) == now["total_steps"]:
+            log.info(
+                "the checkpoint was taken with %d processes, this run has %d: same learning rate and steps, resuming",
+                saved["world_size"],
+                now["world_size"],
+            )
+            return
+        raise CheckpointMismatchError(
+            f"{where} was taken with {saved['world_size']} training processes (learning rate {saved_lr:.3g}, "
+            f"{saved.get('total_steps')} steps); this run has {now['world_size']} (learning rate "
+            f"{now['learning_rate']:.3g}, {now['total_steps']} steps): resuming would change the schedule mid-run. "
+            "Run it with the checkpoint's spec.resources count x nodes again, or set training.learningRateScaling: "
+            "none and an explicit training.steps so the world size changes neither"
+        )
+
     def _lora_metadata(self, step: int, total_steps: int, validation: float | None, baseline: float | None) -> dict:
         spec, job = self.env.spec, self.env.job
         return {
@@ -83,6 +119,8 @@ class Checkpointer:
     def save(self, ctx: RunContext, step: int, stopped_by: str | None = None) -> str:
         """Save, publish and rotate the checkpoint of `step`; its URI. `stopped_by` (a signal's name): the trainer
         is exiting within the pod's grace period, so the held-out loss and the preview are skipped."""
+        if not self.env.world.main:  # rank 0 writes the checkpoint; this URI is where it will be
+            return ctx.store.storage.uri(step_prefix(step))
         with self.env.stop.deferred("finishing the checkpoint being saved first"):
             return self._write_checkpoint(ctx, step, stopped_by)
 
@@ -94,7 +132,7 @@ class Checkpointer:
         staging = ctx.store.staging_dir(step)
         validation = None
         if stopped_by is None:
-            validation = ctx.held_out.loss(ctx.transformer, ctx.accelerator, spec.training.guidance_scale)
+            validation = ctx.held_out.loss(unwrapped, ctx.accelerator, spec.training.guidance_scale)
         metadata = self._lora_metadata(step, ctx.total_steps, validation, ctx.baseline)
         export_lora(
             unwrapped,
@@ -108,6 +146,7 @@ class Checkpointer:
                 "step": step,
                 "total_steps": ctx.total_steps,
                 "fingerprint": self._fingerprint(),
+                "schedule": self._schedule(ctx.total_steps),
                 "lora": lora_weights(unwrapped),
                 "optimizer": ctx.optimizer.state_dict(),
                 "lr_scheduler": ctx.lr_scheduler.state_dict(),
@@ -224,8 +263,10 @@ class Checkpointer:
         spec = self.env.spec
         store = CheckpointStore(output, self.env.work / "checkpoints", self.env.name, spec.checkpoints.keep)
         found = store.scan()
-        store.discard_incomplete(found)
         complete = [c for c in found if c.complete]
+        if not self.env.world.main:  # only rank 0 deletes; it ran first (World.in_turn)
+            return store, complete[-spec.checkpoints.keep :]
+        store.discard_incomplete(found)
         if len(complete) > spec.checkpoints.keep:
             # A run killed between publishing a checkpoint and rotating left one too many: keep the newest `keep`.
             complete, _ = store.rotate()
@@ -236,7 +277,7 @@ class Checkpointer:
         self.records = {r.step: r for r in store.records(complete)}
 
     def resume(
-        self, latest: StoredCheckpoint, store: CheckpointStore, step_fn: KontextTrainStep
+        self, latest: StoredCheckpoint, store: CheckpointStore, step_fn: KontextTrainStep, total_steps: int
     ) -> tuple[int, float | None, float | None]:
         """Restore the newest complete checkpoint; (its step, the "before" held-out loss, the smoothed loss)."""
         accelerator = step_fn.accelerator
@@ -256,6 +297,7 @@ class Checkpointer:
                 f"{store.storage.uri(latest.prefix)} was trained with a different LoRA ({details}); "
                 "write this job to a new spec.output.uri, or delete the old checkpoints to start over"
             )
+        self._same_schedule(state, total_steps, store.storage.uri(latest.prefix))
         restore_lora_weights(accelerator.unwrap_model(step_fn.transformer), state["lora"])
         step_fn.optimizer.load_state_dict(state["optimizer"])
         step_fn.lr_scheduler.load_state_dict(state["lr_scheduler"])
@@ -276,6 +318,8 @@ class Checkpointer:
 
     # ---- the final LoRA ----------------------------------------------------------------------------------
     def upload_final(self, ctx: RunContext, output: Storage) -> str:
+        if not self.env.world.main:  # rank 0 uploads it
+            return output.uri(f"{self.env.name}.safetensors")
         final_dir = self.env.work / "final"
         final_dir.mkdir(parents=True, exist_ok=True)
         records = self.sorted_records()

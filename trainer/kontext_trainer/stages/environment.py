@@ -13,6 +13,7 @@ import psutil
 from kontext_lora.api import KontextLoRAJob, Stage
 from kontext_lora.api.spec import KontextLoRAJobSpec
 
+from ..distributed import World
 from ..logs import fields
 from ..metrics import TrainerMetrics
 from ..progress import KubernetesStatusSink, StatusReporter
@@ -31,14 +32,23 @@ class RunEnvironment:
     metrics: TrainerMetrics
     status: StatusReporter
     s3: S3Settings
+    world: World = field(default_factory=World)
+    """This process among the job's ranks (distributed.py); a world of one without torchrun."""
     started: float = field(default_factory=lambda: psutil.Process().create_time())
     """When the process started (epoch seconds): in a pod, the container's start."""
     timeline: dict[str, float] = field(default_factory=dict)
     """Seconds after `started` at which the run passed each milestone (logged with the first step)."""
 
     @classmethod
-    def create(cls, job: KontextLoRAJob, settings: TrainerSettings, stop: StopSignals | None = None) -> RunEnvironment:
+    def create(
+        cls,
+        job: KontextLoRAJob,
+        settings: TrainerSettings,
+        stop: StopSignals | None = None,
+        world: World | None = None,
+    ) -> RunEnvironment:
         return cls(
+            world=world or World(),
             job=job,
             settings=settings,
             stop=stop or StopSignals(),  # not installed: never requested

@@ -8,14 +8,17 @@ import math
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from ..batches import BatchSchedule, micro_batch_generator
+from ..distributed import shard_of
 from ..encoding import EncodedPair, batch_inputs
 from ..errors import InvalidInputError
 from ..logs import fields
+from ..signals import Interrupted, signal_name
 from ..train_step import KontextTrainStep
 from .checkpointing import Checkpointer
 from .context import RunContext
@@ -34,7 +37,11 @@ def train(
     """Run the steps from `ctx.start_step + 1` to the last; the seconds each step took."""
     spec, settings, metrics = env.spec, env.settings, env.metrics
     accumulation = spec.training.gradient_accumulation
-    schedule = BatchSchedule([p.pair.bucket for p in train_set], spec.training.batch_size, spec.training.seed)
+    world = env.world
+    # One global batch of world x batchSize pairs per micro-batch; this rank trains on its shard of it.
+    schedule = BatchSchedule(
+        [p.pair.bucket for p in train_set], spec.training.batch_size * world.size, spec.training.seed
+    )
     step_seconds: list[float] = []
     last_log = time.monotonic()
     # On a terminal the bar is live; in a pod's log it is rendered into the periodic progress log lines.
@@ -53,11 +60,19 @@ def train(
     ):
         for step in range(ctx.start_step + 1, ctx.total_steps + 1):
             micro = range((step - 1) * accumulation, step * accumulation)
-            samples = {m: ctx.caption_dropout.apply([train_set[i] for i in schedule.batch(m)], m) for m in micro}
-            batches = [batch_inputs(samples[m], ctx.latent_encoder) for m in micro]
+            # Caption dropout is drawn for the whole global batch, then each rank takes its share of it.
+            global_batches = [ctx.caption_dropout.apply([train_set[i] for i in schedule.batch(m)], m) for m in micro]
+            shares = [shard_of(range(len(items)), world.rank, world.size) for items in global_batches]
+            batches = [
+                batch_inputs([items[p] for p in positions], ctx.latent_encoder)
+                for items, (positions, _) in zip(global_batches, shares, strict=True)
+            ]
             generators = [micro_batch_generator(spec.training.seed, m) for m in micro]
             began = time.perf_counter()
-            result = step_fn(batches, generators)
+            result = step_fn(batches, generators, [shard for _, shard in shares])
+            # One loss and one stop decision for the job: every rank stops after the same step.
+            loss, stop_signal = world.step_report(result.loss, env.stop.signum)
+            result = replace(result, loss=loss)
             elapsed = time.perf_counter() - began
             if not math.isfinite(result.loss):
                 raise InvalidInputError(
@@ -99,12 +114,16 @@ def train(
                 )
             # Asked to stop: save this step (quickly) and exit, unless it is the last (the run just finishes).
             # A signal arriving during a regular save lets that save finish, then exits too.
+            # In a world above 1 a signal arriving during a save is acted on after the next step (agreed by all).
             due = step % spec.checkpoints.save_every == 0 or step == ctx.total_steps
-            stopping = env.stop.requested and step < ctx.total_steps
+            stopping = stop_signal is not None and step < ctx.total_steps
             if stopping or due:
-                checkpoint = checkpointer.save(ctx, step, stopped_by=env.stop.name if stopping else None)
-                if step < ctx.total_steps and env.stop.requested:
-                    raise env.stop.interrupted(step=step, total_steps=ctx.total_steps, checkpoint=checkpoint)
+                stopped_by = signal_name(stop_signal) if stopping else None
+                checkpoint = checkpointer.save(ctx, step, stopped_by=stopped_by)
+                if not world.distributed:
+                    stop_signal = env.stop.signum
+                if step < ctx.total_steps and stop_signal is not None:
+                    raise Interrupted(stop_signal, step=step, total_steps=ctx.total_steps, checkpoint=checkpoint)
     return step_seconds
 
 

@@ -10,6 +10,7 @@ optimiser and schedule, then resume from the newest checkpoint or measure the un
 from __future__ import annotations
 
 import logging
+from typing import Any, NamedTuple
 
 import torch
 from accelerate.utils import set_seed
@@ -19,7 +20,7 @@ from kontext_lora.api.spec import DType
 from ..batches import CaptionDropout
 from ..data.captions import dropped_caption
 from ..data.dataset import fetch_pair_images, training_samples
-from ..encoding import DatasetEncoder, EncodedPair, EncodingCache, Fingerprints, remote_cache
+from ..encoding import DatasetEncoder, EncodedPair, EncodingCache, Fingerprints, TextEmbedding, remote_cache
 from ..flux_math import DynamicShift, image_tokens, resolve_shift
 from ..logs import fields
 from ..memory_check import check_memory
@@ -28,7 +29,7 @@ from ..model.lora import add_lora
 from ..model.source import TEXT_PARTS, TRAINING_PARTS, fetch_model
 from ..model.speed import configure_speed
 from ..progress import ProgressTracker
-from ..train_step import KontextTrainStep, build_lr_scheduler, build_optimizer, make_accelerator
+from ..train_step import KontextTrainStep, build_lr_scheduler, build_optimizer
 from ..validation import HeldOutSet
 from .checkpointing import Checkpointer
 from .context import Prepared, RunContext
@@ -36,6 +37,15 @@ from .environment import RunEnvironment
 from .preparation import PreparedInputs, split_held_out
 
 log = logging.getLogger(__name__)
+
+
+class Encodings(NamedTuple):
+    """What `encode` hands `set_up`: every training sample encoded, the latent encoder (previews), the dropped
+    caption's embedding (None without caption dropout)."""
+
+    pairs: list[EncodedPair]
+    latent_encoder: Any
+    dropped_caption: TextEmbedding | None
 
 
 def _dtypes(env: RunEnvironment) -> tuple[torch.dtype, torch.dtype]:
@@ -49,7 +59,7 @@ def download(env: RunEnvironment, inputs: PreparedInputs, checkpointer: Checkpoi
     spec, settings = env.spec, env.settings
     pairs = inputs.pairs
     train_pairs, held_pairs = split_held_out(pairs, spec.dataset.held_out_pairs, spec.training.seed)
-    total_steps = spec.total_steps(len(pairs))
+    total_steps = spec.total_steps(len(pairs), env.world.size)
     env.metrics.total_steps.set(total_steps)
     log.info(
         "dataset: %d pairs (%d training, %d held out)",
@@ -109,12 +119,40 @@ def _captions(env: RunEnvironment, pairs: list) -> set[str]:
     return captions
 
 
-def set_up(
-    env: RunEnvironment, data: Prepared, checkpointer: Checkpointer
-) -> tuple[RunContext, KontextTrainStep, list[EncodedPair]]:
-    """Encode the dataset, build the LoRA and optimiser, then resume or measure the untrained held-out loss."""
+def announce_world(env: RunEnvironment) -> None:
+    """Log the world size and what it does to the optimisation (once, by rank 0), and export it as a metric."""
+    world, spec = env.world, env.spec
+    env.metrics.world_size.set(world.size)
+    if world.size != spec.resources.world_size:
+        log.warning(
+            "%d training processes, but spec.resources asks for %d (count %d x nodes %d): steps and the learning "
+            "rate follow the %d running",
+            world.size,
+            spec.resources.world_size,
+            spec.resources.count,
+            spec.resources.nodes,
+            world.size,
+        )
+    if world.distributed:
+        log.info(
+            "data-parallel over %d processes: each optimiser step sees %d pairs (%d per process x %d micro-batches), "
+            "learning rate %.3g (%s scaling of %.3g)",
+            world.size,
+            world.size * spec.training.batch_size * spec.training.gradient_accumulation,
+            spec.training.batch_size,
+            spec.training.gradient_accumulation,
+            spec.effective_learning_rate(world.size),
+            spec.training.learning_rate_scaling.value,
+            spec.training.learning_rate,
+            **fields(world_size=world.size, learning_rate=spec.effective_learning_rate(world.size)),
+        )
+
+
+def encode(env: RunEnvironment, data: Prepared) -> Encodings:
+    """The dataset's encodings (what is not cached is encoded here; the encoders then leave memory), the latent
+    encoder kept for previews and the dropped caption's embedding (caption dropout)."""
     spec, settings = env.spec, env.settings
-    accelerator = make_accelerator(spec.model.dtype, spec.training.gradient_accumulation)
+    accelerator = env.world.accelerator(spec.model.dtype, spec.training.gradient_accumulation)
     check_memory(spec, data.model_dir, accelerator.device)  # before encoding: an OOM-bound job fails now
     weight_dtype, vae_dtype = _dtypes(env)
     encoder = DatasetEncoder(
@@ -139,7 +177,19 @@ def set_up(
         report.local["latents"] + report.remote["latents"],
         **fields(encoded=report.encoded, uploaded=report.uploaded),
     )
-    held_stems = {p.stem for p in data.held_pairs}
+    return Encodings(encoded, latent_encoder, encoder.texts[dropped] if spec.training.caption_dropout > 0 else None)
+
+
+def set_up(
+    env: RunEnvironment, data: Prepared, checkpointer: Checkpointer, encodings: Encodings
+) -> tuple[RunContext, KontextTrainStep, list[EncodedPair]]:
+    """Build the LoRA and optimiser, then resume or (rank 0) measure the untrained held-out loss."""
+    spec, settings, world = env.spec, env.settings, env.world
+    accelerator = world.accelerator(spec.model.dtype, spec.training.gradient_accumulation)
+    weight_dtype, _ = _dtypes(env)
+    encoded, latent_encoder = encodings.pairs, encodings.latent_encoder
+    previews = settings.preview_steps > 0 and bool(data.held_pairs)
+    held_stems = {p.stem for p in data.held_pairs}  # a held-out pair at every resolution it trains at
     scheduler_config = dict(load_scheduler(data.model_dir).config)
     dynamic_shift = DynamicShift.from_scheduler_config(scheduler_config)
     held_out = HeldOutSet(
@@ -164,7 +214,7 @@ def set_up(
     if spec.training.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     configure_speed(transformer, spec.training.attention_backend, spec.training.compile)
-    optimizer = build_optimizer(parameters, spec.training)
+    optimizer = build_optimizer(parameters, spec.training, spec.effective_learning_rate(world.size))
     lr_scheduler = build_lr_scheduler(optimizer, spec.training, data.total_steps)
     transformer, optimizer, lr_scheduler = accelerator.prepare(transformer, optimizer, lr_scheduler)
     step_fn = KontextTrainStep(
@@ -192,11 +242,11 @@ def set_up(
 
     start_step, baseline, loss_ema = 0, None, None
     if data.complete:
-        start_step, baseline, loss_ema = checkpointer.resume(data.complete[-1], data.store, step_fn)
+        start_step, baseline, loss_ema = checkpointer.resume(data.complete[-1], data.store, step_fn, data.total_steps)
         checkpointer.adopt(data.store, data.complete)
         env.status.update(force=True, step=start_step, **checkpointer.status_fields())
-    else:
-        baseline = held_out.loss(transformer, accelerator, spec.training.guidance_scale)
+    elif world.main:  # the held-out set is rank 0's, as are the checkpoints that report on it
+        baseline = held_out.loss(accelerator.unwrap_model(transformer), accelerator, spec.training.guidance_scale)
         if baseline is not None:
             log.info("held-out loss before training: %.4f", baseline, **fields(validation_loss=baseline))
     tracker = ProgressTracker(data.total_steps, start_step)
@@ -217,7 +267,7 @@ def set_up(
         caption_dropout=CaptionDropout(
             spec.training.caption_dropout,
             spec.training.seed,
-            encoder.texts[dropped] if spec.training.caption_dropout > 0 else None,
+            encodings.dropped_caption,
         ),
     )
     context.base_edits = context.held_out_edits(settings.preview_steps, spec.training.seed, base=True)

@@ -24,7 +24,7 @@ from tests.infra.klj import PREPARE, Kljs
 from tests.infra.node_agent import NodeAgent
 from tests.infra.operator_process import OperatorProcess
 
-from .support import FaultStore, record, scan_for, wait_until
+from .support import FaultStore, record, scan_for, use_hub_model, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.s3, pytest.mark.slow]
 
@@ -187,7 +187,7 @@ def test_bad_datasets_and_credentials_fail_at_once_naming_the_cause(
             else:
                 dataset[key] = value
         if case.hub_token:
-            job["spec"]["model"] = {"base": hub.repo, "dtype": "fp32", "tokenSecret": {"name": case.hub_token}}
+            use_hub_model(job, hub.repo, case.hub_token)
         uris[case.id] = dataset["uri"]
         documents.append(job)
     renamed = store.job(

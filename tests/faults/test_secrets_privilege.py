@@ -24,7 +24,7 @@ from tests.infra.klj import PREPARE, Kljs
 from tests.infra.node_agent import NodeAgent
 from tests.infra.operator_process import SERVICE_ACCOUNT, SYSTEM_NAMESPACE, OperatorProcess
 
-from .support import FaultStore, record, scan_for, wait_until
+from .support import FaultStore, record, scan_for, use_hub_model, wait_until
 
 pytestmark = [pytest.mark.cluster, pytest.mark.s3, pytest.mark.slow]
 
@@ -72,13 +72,9 @@ def test_credentials_only_by_reference_never_in_logs_status_or_events_and_pods_a
     }
     # The model from the (stand-in) hub: with the default token Secret, and with one the hub refuses. The good job
     # also names a model cache volume, which its preparation pod fills for the training pod.
-    jobs["leak-ok"]["spec"]["model"] = {"base": hub.repo, "dtype": "fp32"}
+    use_hub_model(jobs["leak-ok"], hub.repo)
     jobs["leak-ok"]["spec"]["resources"]["modelCacheClaim"] = _model_cache_claim(crd, namespace)
-    jobs["leak-refused-token"]["spec"]["model"] = {
-        "base": hub.repo,
-        "dtype": "fp32",
-        "tokenSecret": {"name": "hf-refused"},
-    }
+    use_hub_model(jobs["leak-refused-token"], hub.repo, "hf-refused")
     # A storage failure after the credentials were used: the output bucket does not exist.
     jobs["leak-no-bucket"]["spec"]["output"]["uri"] = f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/out/"
     for document in jobs.values():

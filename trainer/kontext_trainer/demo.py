@@ -139,9 +139,12 @@ def run_demo(work_dir: Path, job_file: Path = DEMO_JOB) -> int:
     before = "n/a" if result.validation_before is None else f"{result.validation_before:.4f}"
     after = "n/a" if result.validation_after is None else f"{result.validation_after:.4f}"
     scored = [r for r in result.checkpoints if r.edit_score is not None]
+    best = next((r for r in scored if r.uri == result.best_checkpoint and r is not scored[-1]), None)
     edit = (
         f"edit score on the held-out pairs (PSNR against the target): base model {result.base_edit_score:.2f} dB -> "
-        f"LoRA {scored[-1].edit_score:.2f} dB after {scored[-1].step} steps\n"
+        f"LoRA {scored[-1].edit_score:.2f} dB after {scored[-1].step} steps"
+        + (f"; the best checkpoint is step {best.step}, {best.edit_score:.2f} dB" if best else "")
+        + "\n"
         if scored and result.base_edit_score is not None
         else ""
     )

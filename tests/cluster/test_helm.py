@@ -540,7 +540,12 @@ def test_the_operator_runs_as_the_chart_configures_it_with_only_the_charts_permi
         assert env_vars.get("AWS_ENDPOINT_URL_S3") == "http://minio.storage.svc:9000", "default endpoint from values"
         account = pod["spec"]["serviceAccountName"]
         assert cluster.kubectl("get", "serviceaccount", account, "-n", team, check=False).returncode == 0
-        assert cluster.kubectl("get", "rolebinding", "-n", team, "-o", "name").stdout.strip(), "no per-job binding"
+        # The Role and RoleBinding are made beside the Job at a lower priority (the pod uses them only once it
+        # reports progress), so they may land a moment after the Job and the first status.
+        deadline = time.monotonic() + 30
+        while not cluster.kubectl("get", "rolebinding", "-n", team, "-o", "name").stdout.strip():
+            assert time.monotonic() < deadline, f"no per-job RoleBinding after 30 s:\n{operator.log_tail()}"
+            time.sleep(0.5)
         # An RBAC denial reads `User "system:serviceaccount:..." cannot <verb> resource ...` (a 403 for a namespace
         # being terminated, from an earlier test's leftovers, is not one).
         denials = re.findall(r'User "[^"]+" cannot \w+ resource "[^"]+"[^\n]*', operator.log_path.read_text())

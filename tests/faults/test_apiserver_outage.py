@@ -8,7 +8,8 @@ shown by a spec change after the outage reaching the live Job and by the job's e
 twice, and the job succeeds without a restart. Everything is real: kube-apiserver is the process the session fixture
 started (stopped with SIGTERM, SIGKILL after 2 s, started again with the same flags), the operator, node agent,
 trainer and MinIO; etcd, the controller manager, the scheduler and KWOK keep running and reconnect by themselves.
-The shared control plane is restored before the test ends, whatever happens.
+The shared control plane is restored before the test ends, whatever happens, and the test waits until the controller
+manager and the scheduler act on new objects again (their informers re-list after a backoff the outage grew).
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def test_training_rides_out_an_apiserver_outage_and_status_catches_up(
     finally:
         if not plane.apiserver.running:
             plane.start_apiserver()  # later tests share this control plane
+        # ... and expect its controllers to act at once: wait out their informers' re-list backoff.
+        controllers_seconds = plane.wait_controllers_caught_up()
         watcher.stopped.set()
         recorder.stop()
 
@@ -105,6 +108,7 @@ def test_training_rides_out_an_apiserver_outage_and_status_catches_up(
         status_caught_up_after_s=round(caught_up, 1),
         spec_change_applied_after_s=round(spec_applied, 1),
         succeeded_after_return_s=round(finished, 1),
+        controllers_acting_again_at_end_s=round(controllers_seconds, 1),
         status_report_warnings=len(warnings),
         operator_watch_reconnect_lines=reconnects,
         jobs_created={"preparation": 1, "trainer": 1},

@@ -6,6 +6,7 @@ checks in tests are real), and each component runs under its own identity as on 
 
 from __future__ import annotations
 
+import json
 import shutil
 import ssl
 import subprocess
@@ -13,6 +14,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,6 +186,40 @@ class ControlPlane:
         self.processes[self.processes.index(self.apiserver)] = restarted
         self.apiserver = restarted
         restarted.wait_ready(lambda: self._get("/readyz") == 200, timeout=timeout)
+        return time.monotonic() - began
+
+    def wait_controllers_caught_up(self, timeout: float = 180) -> float:
+        """After an apiserver restart, wait until the controller manager and the scheduler act on new objects again:
+        their informers re-list after a backoff that grows during an outage (client-go: up to 30 s, jittered), so a
+        namespace made right after the return may get its `default` ServiceAccount, and a pod its node, only tens of
+        seconds later. Probes with a namespace of its own (deleted afterwards). Seconds it took."""
+        began = time.monotonic()
+        deadline = began + timeout
+        name = f"probe-{uuid.uuid4().hex[:8]}"
+        self.kubectl("create", "namespace", name)
+        try:
+            while self.kubectl("get", "sa", "default", "-n", name, check=False).returncode != 0:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the controller manager made no ServiceAccount in {name} in {timeout:.0f} s")
+                time.sleep(0.5)
+            pod = {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "probe", "namespace": name},
+                "spec": {
+                    "containers": [{"name": "probe", "image": "probe"}],
+                    "nodeSelector": {"type": "kwok"},  # a fake node: nothing tries to run it
+                    "tolerations": [{"operator": "Exists"}],
+                },
+            }
+            self.kubectl("apply", "-f", "-", input=json.dumps(pod))
+            jsonpath = "-o=jsonpath={.spec.nodeName}"
+            while not self.kubectl("get", "pod", "probe", "-n", name, jsonpath).stdout.strip():
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the scheduler bound no pod in {name} in {timeout:.0f} s")
+                time.sleep(0.5)
+        finally:
+            self.kubectl("delete", "namespace", name, "--wait=false", check=False)
         return time.monotonic() - began
 
     def _identity(self, ca: CertificateAuthority, name: str, user: str) -> Path:

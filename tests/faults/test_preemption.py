@@ -1,11 +1,15 @@
-"""Preemption: one real training job, its trainer killed five times at seeded-random steps — SIGKILL of the process
-by the node (OOM kill, node loss), `kubectl delete pod` (graceful and forced) and an eviction through the API (the
-way preemption and node drains remove pods). Each time the Job starts a new pod, the trainer resumes from the newest
-complete checkpoint in S3 and loses at most `saveEvery` steps — none at all when it was stopped gracefully (SIGTERM
-with the pod's 120 s grace period: it saves a checkpoint at the step reached, reports it in the status and exits
-143). The job finishes with the final LoRA and exactly `keep` complete checkpoints, nothing half-written, and
-`status.restarts` counting the failures that spend backoffLimit (evictions carry the DisruptionTarget condition and
-do not). A forced deletion gives the trainer 1 s of SIGTERM, as a kubelet does: it may or may not save."""
+"""Preemption: one real training job, its trainer killed four times at seeded-random steps, once in each way pods die —
+SIGKILL of the process by the node (OOM kill, node loss), `kubectl delete pod` (graceful and forced) and an eviction
+through the API (the way preemption and node drains remove pods). Each time the Job starts a new pod, the trainer
+resumes from the newest complete checkpoint in S3 and loses at most `saveEvery` steps — none at all when it was
+stopped gracefully (SIGTERM with the pod's 120 s grace period: it saves a checkpoint at the step reached, reports it
+in the status and exits 143). The job finishes with the final LoRA and exactly `keep` complete checkpoints, nothing
+half-written, and `status.restarts` counting the failures that spend backoffLimit (evictions carry the
+DisruptionTarget condition and do not). A forced deletion gives the trainer 1 s of SIGTERM, as a kubelet does: it
+may or may not save.
+
+Each failed pod is replaced after the Job controller's back-off (10 s, doubling with every failed pod of the Job, the
+eviction's too): a fifth kill would wait 160 s for its pod, so each way of dying is tried once (2.7 min, not 6)."""
 
 from __future__ import annotations
 
@@ -39,7 +43,7 @@ from .support import (
 pytestmark = [pytest.mark.cluster, pytest.mark.s3, pytest.mark.e2e, pytest.mark.slow]
 
 STEPS, SAVE_EVERY, KEEP = 32, 4, 2
-KILLS = ("sigkill", "sigkill", "delete", "force-delete", "evict")
+KILLS = ("sigkill", "delete", "force-delete", "evict")
 COUNTED = {"sigkill", "delete", "force-delete"}  # failures that spend backoffLimit (evict: DisruptionTarget -> Ignore)
 GRACEFUL = {"delete", "evict"}  # SIGTERM with the pod's terminationGracePeriodSeconds: a checkpoint, no step lost
 
@@ -59,7 +63,7 @@ class ConcurrentTrainers(threading.Thread):
             self.most = max(self.most, len(running))
 
 
-def test_five_kills_at_random_steps_lose_at_most_save_every_each(
+def test_a_kill_of_each_kind_at_random_steps_loses_at_most_save_every(
     crd: Cluster,
     kljs: Kljs,
     operator: OperatorProcess,
@@ -70,7 +74,7 @@ def test_five_kills_at_random_steps_lose_at_most_save_every_each(
     rng = random.Random(fault_seed)
     kinds = list(KILLS)
     rng.shuffle(kinds)
-    # One kill point in each fifth of steps 2..26 (the last kill leaves steps to train after it).
+    # One kill point in each quarter of steps 2..26 (the last kill leaves steps to train after it).
     bounds = [2 + (STEPS - 8) * i // len(kinds) for i in range(len(kinds) + 1)]
     targets = [rng.randrange(low, high) for low, high in itertools.pairwise(bounds)]
     print(f"kill plan: {list(zip(kinds, targets, strict=True))}")
@@ -150,7 +154,7 @@ def test_five_kills_at_random_steps_lose_at_most_save_every_each(
             assert f"/checkpoints/step-{kill_step:06d}/" in reported["lastCheckpoint"], reported
         print(f"{kind} of {pod} at step {kill_step}: complete {at_kill.complete}, partial {at_kill.partial}")
 
-    # The sixth pod resumes once more and finishes.
+    # The last pod resumes once more and finishes.
     last = wait_until(new_running_pod, 600, "the last trainer pod")
     agent.wait_process(kljs.namespace, last, timeout=600)
     started = time.monotonic()

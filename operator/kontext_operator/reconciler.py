@@ -89,9 +89,7 @@ def trim_klj(body: Mapping[str, Any]) -> dict[str, Any]:
     """What the operator keeps of a KontextLoRAJob in memory: no managedFields, of the annotations only its own
     count of group restarts."""
     metadata = body.get("metadata", {})
-    kept = {
-        k: v for k, v in (metadata.get("annotations") or {}).items() if k == resources.GROUP_RESTARTS_ANNOTATION
-    }
+    kept = {k: v for k, v in (metadata.get("annotations") or {}).items() if k == resources.GROUP_RESTARTS_ANNOTATION}
     trimmed = {
         "apiVersion": body.get("apiVersion"),
         "kind": body.get("kind"),

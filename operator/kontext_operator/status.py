@@ -226,9 +226,9 @@ def observe(
     `group_restarts`: failed groups of pods the operator replaced so far; `group_restart`: why the failed Job's group
     is being replaced now (the Job's failure is then a restart, not the job's end)."""
     job_status = (job or {}).get("status") or {}
-    if group_restart is not None and (_condition(job_status.get("conditions"), "Failed") or _condition(
-        job_status.get("conditions"), "FailureTarget"
-    )):
+    if group_restart is not None and (
+        _condition(job_status.get("conditions"), "Failed") or _condition(job_status.get("conditions"), "FailureTarget")
+    ):
         return Observation(
             Phase.Pending,
             "Restarting",

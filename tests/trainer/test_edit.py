@@ -116,9 +116,7 @@ def lora_from_storage(minio, toy_base: Path, tmp_path_factory: pytest.TempPathFa
     bucket = minio.create_bucket("edit-proven")
     client = minio.client()
     upload_tree(client, bucket, write_example_pairs(root / "pairs", count=10), "pairs/")
-    job = write_job(
-        root / "job.yaml", edit_job("remover", toy_base, f"s3://{bucket}/pairs/", f"s3://{bucket}/out/")
-    )
+    job = write_job(root / "job.yaml", edit_job("remover", toy_base, f"s3://{bucket}/pairs/", f"s3://{bucket}/out/"))
     env = trainer_env(
         KONTEXT_LORA_PREVIEW_STEPS="0",
         AWS_ENDPOINT_URL_S3=minio.endpoint,

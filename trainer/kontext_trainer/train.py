@@ -66,9 +66,7 @@ class TrainingRun:
         world: World | None = None,
     ):
         world = world or World.from_env()
-        settings = settings.model_copy(
-            update=rank_settings_update(world, settings.work_dir, settings.termination_log)
-        )
+        settings = settings.model_copy(update=rank_settings_update(world, settings.work_dir, settings.termination_log))
         quiet_other_ranks(world)
         self.job = job
         self.settings = settings

@@ -79,9 +79,10 @@ class Checkpointer:
         if saved.get("world_size", 1) == now["world_size"]:
             return
         saved_lr = saved.get("learning_rate", self.env.spec.effective_learning_rate(saved.get("world_size", 1)))
-        if abs(saved_lr - now["learning_rate"]) <= 1e-12 * now["learning_rate"] and saved.get(
-            "total_steps"
-        ) == now["total_steps"]:
+        if (
+            abs(saved_lr - now["learning_rate"]) <= 1e-12 * now["learning_rate"]
+            and saved.get("total_steps") == now["total_steps"]
+        ):
             log.info(
                 "the checkpoint was taken with %d processes, this run has %d: same learning rate and steps, resuming",
                 saved["world_size"],

@@ -101,9 +101,7 @@ def download(env: RunEnvironment, inputs: PreparedInputs, checkpointer: Checkpoi
         previews = settings.preview_steps > 0 and bool(held_pairs)
         uncached = {p.stem for p in samples if latent_keys.get(p.sample) not in available}
         needed = [
-            p
-            for p in pairs
-            if not spec.training.cache_latents or p.stem in uncached or (previews and p in held_pairs)
+            p for p in pairs if not spec.training.cache_latents or p.stem in uncached or (previews and p in held_pairs)
         ]
         downloaded = fetch_pair_images(inputs.dataset, needed, spec.dataset, env.work / "dataset")
         log.info("pair images: %d of %d pairs needed here, %d files downloaded", len(needed), len(pairs), downloaded)

@@ -53,9 +53,7 @@ def fit_edit_maps(vae: AutoencoderKL, edits: list[Edit], rng: np.random.Generato
             gains.append(float(gain))
             offsets.append(float(offset))
         # Packed tokens hold each channel's 2x2 patch next to each other (flux_math.pack_latents).
-        maps.append(
-            EditMap(edit, torch.tensor(gains).repeat_interleave(4), torch.tensor(offsets).repeat_interleave(4))
-        )
+        maps.append(EditMap(edit, torch.tensor(gains).repeat_interleave(4), torch.tensor(offsets).repeat_interleave(4)))
     return maps
 
 

@@ -217,8 +217,9 @@ def _feature_bank(block, config: ToyTransformerConfig, spread: float, seed: int)
 
 
 @torch.no_grad()
-def _copy_block(block, config: ToyTransformerConfig, edit_maps: Sequence[EditMap], edit_dims: Sequence[int],
-                spread: float) -> None:
+def _copy_block(
+    block, config: ToyTransformerConfig, edit_maps: Sequence[EditMap], edit_dims: Sequence[int], spread: float
+) -> None:
     attention = block.attn
     query, key, text_key = _copy_pattern(config)
     heads = config.heads

@@ -75,11 +75,12 @@ def namespace(cluster: Cluster) -> Iterator[str]:
     """A fresh namespace per test, deleted afterwards (without waiting)."""
     name = f"t-{uuid.uuid4().hex[:8]}"
     cluster.kubectl("create", "namespace", name)
-    # The service-account controller makes `default` shortly after; pods created before it would be refused.
-    deadline = time.monotonic() + 30
+    # The service-account controller makes `default` shortly after (seconds on a loaded machine); pods created before
+    # it would be refused.
+    deadline = time.monotonic() + 60
     while cluster.kubectl("get", "sa", "default", "-n", name, check=False).returncode != 0:
         if time.monotonic() > deadline:
-            raise TimeoutError(f"no default service account in {name}")
+            raise TimeoutError(f"no default service account in {name} after 60 s")
         time.sleep(0.2)
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", check=False)

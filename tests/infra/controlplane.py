@@ -191,8 +191,8 @@ class ControlPlane:
     def wait_controllers_caught_up(self, timeout: float = 180) -> float:
         """After an apiserver restart, wait until the controller manager and the scheduler act on new objects again:
         their informers re-list after a backoff that grows during an outage (client-go: up to 30 s, jittered), so a
-        namespace made right after the return may get its `default` ServiceAccount, and a pod its node, only tens of
-        seconds later. Probes with a namespace of its own (deleted afterwards). Seconds it took."""
+        namespace made right after the return may get its `default` ServiceAccount, and a Job its pod and node, only
+        tens of seconds later. Probes with a namespace of its own (deleted afterwards). Seconds it took."""
         began = time.monotonic()
         deadline = began + timeout
         name = f"probe-{uuid.uuid4().hex[:8]}"
@@ -202,21 +202,27 @@ class ControlPlane:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the controller manager made no ServiceAccount in {name} in {timeout:.0f} s")
                 time.sleep(0.5)
-            pod = {
-                "apiVersion": "v1",
-                "kind": "Pod",
+            # A Job: the job controller must make its pod (Job and pod informers), the scheduler bind it (its own).
+            job = {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
                 "metadata": {"name": "probe", "namespace": name},
                 "spec": {
-                    "containers": [{"name": "probe", "image": "probe"}],
-                    "nodeSelector": {"type": "kwok"},  # a fake node: nothing tries to run it
-                    "tolerations": [{"operator": "Exists"}],
+                    "template": {
+                        "spec": {
+                            "restartPolicy": "Never",
+                            "containers": [{"name": "probe", "image": "probe"}],
+                            "nodeSelector": {"type": "kwok"},  # a fake node: nothing tries to run it
+                            "tolerations": [{"operator": "Exists"}],
+                        }
+                    }
                 },
             }
-            self.kubectl("apply", "-f", "-", input=json.dumps(pod))
-            jsonpath = "-o=jsonpath={.spec.nodeName}"
-            while not self.kubectl("get", "pod", "probe", "-n", name, jsonpath).stdout.strip():
+            self.kubectl("apply", "-f", "-", input=json.dumps(job))
+            jsonpath = "-o=jsonpath={.items[*].spec.nodeName}"
+            while not self.kubectl("get", "pods", "-n", name, "-l", "job-name=probe", jsonpath).stdout.strip():
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"the scheduler bound no pod in {name} in {timeout:.0f} s")
+                    raise TimeoutError(f"no pod of the probe Job in {name} was made and bound in {timeout:.0f} s")
                 time.sleep(0.5)
         finally:
             self.kubectl("delete", "namespace", name, "--wait=false", check=False)

@@ -27,8 +27,8 @@ import yaml
 from kontext_lora.api import Phase
 from tests.conftest import Cluster
 from tests.infra.helm import CHART
-from tests.infra.operator_process import OperatorIdentity, OperatorProcess, wait_for
-from tests.infra.processes import free_port
+from tests.infra.operator_process import OperatorIdentity, OperatorProcess
+from tests.infra.processes import free_port, wait_for
 from tests.infra.prometheus import PrometheusServer, Series
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]

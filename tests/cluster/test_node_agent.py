@@ -16,7 +16,7 @@ import yaml
 from tests.conftest import Cluster
 from tests.infra.klj import Kljs, job_manifest
 from tests.infra.node_agent import NodeAgent
-from tests.infra.operator_process import wait_for
+from tests.infra.processes import wait_for
 
 pytestmark = pytest.mark.cluster
 FAKE_TRAINER = Path(__file__).resolve().parents[1] / "infra" / "fake_trainer.py"

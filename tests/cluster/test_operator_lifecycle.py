@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import Cluster
 from tests.infra.klj import PREPARE, Kljs, job_manifest
 from tests.infra.minio import MinioServer
-from tests.infra.operator_process import wait_for
+from tests.infra.processes import wait_for
 
 pytestmark = pytest.mark.cluster
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"

@@ -14,7 +14,8 @@ from kubernetes import client, config
 
 from tests.conftest import Cluster
 from tests.infra.klj import MANUAL_PREPARATION, PREPARE, Kljs, job_manifest
-from tests.infra.operator_process import OperatorProcess, wait_for
+from tests.infra.operator_process import OperatorProcess
+from tests.infra.processes import wait_for
 
 pytestmark = pytest.mark.cluster
 

@@ -13,7 +13,7 @@ import yaml
 
 from tests.conftest import Cluster
 from tests.infra.klj import PREPARE, Kljs, job_manifest
-from tests.infra.operator_process import wait_for
+from tests.infra.processes import wait_for
 from tests.infra.watch import Recorder
 
 pytestmark = pytest.mark.cluster

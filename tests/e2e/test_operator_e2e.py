@@ -28,8 +28,8 @@ from tests.faults.support import log_records, record
 from tests.infra.klj import PREPARE, Kljs
 from tests.infra.minio import MinioServer
 from tests.infra.node_agent import NodeAgent
-from tests.infra.operator_process import OperatorProcess, wait_for
-from tests.infra.processes import free_port
+from tests.infra.operator_process import OperatorProcess
+from tests.infra.processes import free_port, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.s3, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]

@@ -18,6 +18,7 @@ from kontext_lora.api import API_VERSION, KIND
 from tests.infra.klj import Kljs
 from tests.infra.minio import MinioServer
 from tests.infra.node_agent import NodeAgent
+from tests.infra.processes import wait_for
 
 REPORT_ENV = "KONTEXT_LORA_FAULT_REPORT"
 DEFAULT_REPORT = Path("/tmp/kontext-lora-fault-report.json")
@@ -214,14 +215,8 @@ class StepWatcher(threading.Thread):
 
 
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+    """`wait_for` with the timeout and what is awaited first, as the fault tests read."""
+    return wait_for(predicate, timeout, interval, what)
 
 
 def scan_for(secrets: dict[str, str], texts: dict[str, str]) -> list[str]:

@@ -21,7 +21,8 @@ import yaml
 from tests.conftest import Cluster
 from tests.infra.klj import PREPARE, Kljs, job_manifest
 from tests.infra.kwok import EXIT_CODE_ANNOTATION
-from tests.infra.operator_process import OperatorProcess, wait_for
+from tests.infra.operator_process import OperatorProcess
+from tests.infra.processes import wait_for
 from tests.infra.watch import Recorder
 
 from .support import record, seed

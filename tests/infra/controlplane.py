@@ -22,7 +22,7 @@ import yaml
 
 from .binaries import binary
 from .pki import CertificateAuthority, KeyPair, service_account_keys
-from .processes import ServerProcess, free_port
+from .processes import ServerProcess, free_port, wait_for
 
 SERVICE_CIDR = "10.96.0.0/16"
 
@@ -194,14 +194,15 @@ class ControlPlane:
         namespace made right after the return may get its `default` ServiceAccount, and a Job its pod and node, only
         tens of seconds later. Probes with a namespace of its own (deleted afterwards). Seconds it took."""
         began = time.monotonic()
-        deadline = began + timeout
         name = f"probe-{uuid.uuid4().hex[:8]}"
         self.kubectl("create", "namespace", name)
         try:
-            while self.kubectl("get", "sa", "default", "-n", name, check=False).returncode != 0:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"the controller manager made no ServiceAccount in {name} in {timeout:.0f} s")
-                time.sleep(0.5)
+            wait_for(
+                lambda: self.kubectl("get", "sa", "default", "-n", name, check=False).returncode == 0,
+                timeout,
+                0.5,
+                f"the controller manager to make the default ServiceAccount in {name}",
+            )
             # A Job: the job controller must make its pod (Job and pod informers), the scheduler bind it (its own).
             job = {
                 "apiVersion": "batch/v1",
@@ -220,10 +221,12 @@ class ControlPlane:
             }
             self.kubectl("apply", "-f", "-", input=json.dumps(job))
             jsonpath = "-o=jsonpath={.items[*].spec.nodeName}"
-            while not self.kubectl("get", "pods", "-n", name, "-l", "job-name=probe", jsonpath).stdout.strip():
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"no pod of the probe Job in {name} was made and bound in {timeout:.0f} s")
-                time.sleep(0.5)
+            wait_for(
+                lambda: self.kubectl("get", "pods", "-n", name, "-l", "job-name=probe", jsonpath).stdout.strip(),
+                max(began + timeout - time.monotonic(), 1),
+                0.5,
+                f"a pod of the probe Job in {name}, made and bound to a node",
+            )
         finally:
             self.kubectl("delete", "namespace", name, "--wait=false", check=False)
         return time.monotonic() - began

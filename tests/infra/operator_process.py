@@ -177,18 +177,6 @@ class OperatorProcess:
         return self.process.log_tail(lines) if self.process else "(not started)"
 
 
-def wait_for(predicate, timeout: float = 60, interval: float = 0.2, what: str = "condition"):
-    """Poll until `predicate()` returns something truthy; return it, or raise TimeoutError naming `what`."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
-
-
 def kubectl_json(plane: ControlPlane, *args: str) -> Any:
     result = plane.kubectl(*args, "-o", "json", check=False)
     if result.returncode != 0:

@@ -1,4 +1,5 @@
-"""A server process started for a test: logs to a file, waits until ready, stops cleanly (then kills)."""
+"""A server process started for a test: logs to a file, waits until ready, stops cleanly (then kills); and the
+polling wait the tests share."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -78,3 +80,15 @@ def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
         sock.settimeout(0.5)
         return sock.connect_ex((host, port)) == 0
+
+
+def wait_for(predicate, timeout: float = 60, interval: float = 0.2, what: str = "condition"):
+    """Poll until `predicate()` returns something truthy; return it, or raise TimeoutError naming `what`."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
